@@ -1,0 +1,5 @@
+import sys
+
+from wmdp.cli import main
+
+sys.exit(main())

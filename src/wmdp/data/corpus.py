@@ -1,0 +1,103 @@
+"""Text corpora: forget and retain sets for unlearning, text for perplexity and relearning.
+
+A corpus spec is one of:
+- a local `.jsonl` file with a `text` field per line (the WMDP corpora layout), or a `.txt`
+  file (one text per non-empty line);
+- `wikitext`: wikitext-2-raw-v1, split `test` (the paper's retain set), one text per line;
+- a hub dataset with a `text` column: `org/name`, `org/name:config`, `org/name:config@split`
+  (split defaults to `train`), e.g. `cais/wmdp-corpora:cyber-forget-corpus`.
+
+Texts of `min_len` characters or fewer are dropped, as the RMU reference code does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wmdp.errors import DataError, WmdpError
+from wmdp.io import sha256_json
+
+
+@dataclass
+class Corpus:
+    name: str
+    texts: list[str]
+    source: str
+    sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sha256 = sha256_json(self.texts)
+
+    def record(self) -> dict:
+        return {"name": self.name, "source": self.source, "n": len(self.texts),
+                "sha256": self.sha256}
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """`org/name[:config][@split]` -> (dataset, config, split)."""
+    rest, _, split = spec.partition("@")
+    dataset, _, config = rest.partition(":")
+    return dataset, config or None, split or "train"
+
+
+def load_corpus(spec: str | Path, min_len: int = 0, limit: int | None = None) -> Corpus:
+    """Load a corpus by spec, dropping texts of at most `min_len` characters."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if spec == "wikitext":
+        texts = _hub_texts("wikitext", "wikitext-2-raw-v1", "test", spec)
+        name, source = "wikitext", "hub:wikitext/wikitext-2-raw-v1 [test]"
+    elif path.suffix.lower() in (".jsonl", ".txt") or path.exists():
+        texts = _file_texts(path)
+        name, source = path.stem, str(path)
+    else:
+        dataset, config, split = parse_hub_spec(spec)
+        texts = _hub_texts(dataset, config, split, spec)
+        name, source = (config or dataset.split("/")[-1]), f"hub:{spec}"
+    texts = [t for t in texts if len(t) > min_len]
+    if limit is not None:
+        texts = texts[:limit]
+    if not texts:
+        raise WmdpError(f"{spec}: corpus has no text longer than min_len={min_len} characters")
+    return Corpus(name, texts, source)
+
+
+def _file_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise WmdpError(f"{path}: corpus file not found")
+    if path.suffix.lower() == ".txt":
+        return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"invalid JSON ({e.msg})", lineno) from None
+            if not isinstance(rec, dict) or "text" not in rec:
+                raise DataError(path, "is missing", lineno, "text")
+            if not isinstance(rec["text"], str):
+                raise DataError(path, f"is {type(rec['text']).__name__}, expected a string",
+                                lineno, "text")
+            texts.append(rec["text"])
+    if not texts:
+        raise DataError(path, "file is empty (no texts)")
+    return texts
+
+
+def _hub_texts(dataset: str, config: str | None, split: str, spec: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:  # noqa: BLE001 - network, auth and gating errors alike
+        raise WmdpError(f"{spec}: cannot load corpus from the hub "
+                        f"({str(e).strip().splitlines()[0][:300]})") from e
+    if "text" not in ds.column_names:
+        raise WmdpError(f"{spec}: dataset has no 'text' column (columns: {ds.column_names})")
+    return [str(t) for t in ds["text"]]

@@ -1,0 +1,265 @@
+"""Evaluate a causal LM on multiple-choice tasks; write results.json and samples_<task>.jsonl.
+
+    wmdp eval --model HuggingFaceH4/zephyr-7b-beta --tasks wmdp,mmlu --output runs/zephyr
+
+In Python, on a model already in memory (what unlearning and the audit call):
+
+    results = evaluate_model(model, tokenizer, ["wmdp_bio", "mmlu_virology"], registry)
+    results["results"]["wmdp_bio"]["acc"]
+
+Metrics are lm-eval's: `acc` is the argmax of summed log-likelihoods, `acc_norm` (cloze tasks)
+the argmax after dividing by each choice's length in characters, `acc_stderr` the sample
+standard error of the mean; a group's score is the size-weighted mean of its members, its
+stderr their pooled sample stderr.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wmdp.data.mcq import MCQItem, items_hash
+from wmdp.errors import WmdpError
+from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json, write_json,
+                     write_jsonl)
+from wmdp.models import check_model_source, load_model
+from wmdp.scoring import Request, loglikelihoods
+from wmdp.tasks import PROMPT_STYLES, PromptStyle, Registry, Task, build_prompt
+
+RESULTS = "results.json"
+
+
+def mean_stderr(values: list[float]) -> float | None:
+    """lm-eval's `mean_stderr`: sample standard deviation (n - 1) over sqrt(n)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
+
+
+def pooled_stderr(stderrs: list[float], sizes: list[int]) -> float | None:
+    """lm-eval's `pooled_sample_stderr`, how a size-weighted group combines its members."""
+    if any(s is None for s in stderrs) or sum(sizes) <= len(sizes):
+        return None
+    var = sum((n - 1) * s ** 2 * n for n, s in zip(sizes, stderrs)) / (sum(sizes) - len(sizes))
+    return math.sqrt(var / sum(sizes))
+
+
+def add_special_tokens_for(style: PromptStyle, model: nn.Module) -> bool | None:
+    """BOS handling: the tokenizer's default (current lm-eval) or none (0.4.2, but Gemma)."""
+    if style.add_bos is False and str(getattr(model.config, "model_type", "")).startswith("gemma"):
+        return True  # lm-eval 0.4.2 forced BOS for Gemma, which breaks without it
+    return style.add_bos
+
+
+def score_task(model: nn.Module, tokenizer: Any, task: Task, items: list[MCQItem],
+               style: PromptStyle, batch_size: int | str = "auto",
+               progress: bool = True, stats: dict | None = None) -> tuple[dict, list[dict]]:
+    """Metrics and per-item samples of one task."""
+    requests = [Request(*_prompt(item, task, style)) for item in items]
+    lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size,
+                         add_special_tokens=add_special_tokens_for(style, model),
+                         progress=task.name if progress else False,
+                         on_batch_size=(lambda bs: stats.__setitem__("batch_size", bs))
+                         if stats is not None else None)
+    samples, acc, acc_norm = [], [], []
+    for doc_id, (item, req, ll) in enumerate(zip(items, requests, lls)):
+        pred = int(np.argmax(ll))
+        sample = {"doc_id": doc_id, "gold": item.answer, "pred": pred, "loglikelihoods": ll,
+                  "acc": float(pred == item.answer)}
+        acc.append(sample["acc"])
+        if task.format == "cloze":
+            lengths = np.array([float(len(c)) for c in item.choices])
+            pred_norm = int(np.argmax(np.array(ll) / lengths))
+            sample.update(pred_norm=pred_norm, acc_norm=float(pred_norm == item.answer))
+            acc_norm.append(sample["acc_norm"])
+        samples.append(sample)
+    metrics: dict[str, Any] = {"acc": float(np.mean(acc)), "acc_stderr": mean_stderr(acc)}
+    if acc_norm:
+        metrics.update(acc_norm=float(np.mean(acc_norm)), acc_norm_stderr=mean_stderr(acc_norm))
+    metrics["n"] = len(items)
+    return metrics, samples
+
+
+def _prompt(item: MCQItem, task: Task, style: PromptStyle) -> tuple[str, tuple[str, ...]]:
+    context, conts = build_prompt(item, task, style)
+    return context, tuple(conts)
+
+
+def aggregate_groups(results: dict[str, dict], groups: dict[str, list[str]]) -> dict[str, dict]:
+    """Size-weighted group scores with pooled stderrs, nested groups first (lm-eval's way)."""
+    out: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name in results:
+            return results[name]
+        if name not in out:
+            members = [get(m) for m in groups[name]]
+            sizes = [m["n"] for m in members]
+            g: dict[str, Any] = {}
+            for metric in ("acc", "acc_norm"):
+                if all(metric in m for m in members):
+                    g[metric] = sum(m[metric] * n for m, n in zip(members, sizes)) / sum(sizes)
+                    g[f"{metric}_stderr"] = pooled_stderr(
+                        [m[f"{metric}_stderr"] for m in members], sizes)
+            g["n"] = sum(sizes)
+            g["members"] = list(groups[name])
+            out[name] = g
+        return out[name]
+
+    for name in groups:
+        get(name)
+    return out
+
+
+@dataclass
+class EvalConfig:
+    """Everything that can change a number, recorded in results.json."""
+
+    model: str = "<in-memory>"
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    batch_size: int | str = "auto"
+    prompt_style: str = "lmeval"
+    format: str | None = None       # force every task to "letter" or "cloze"
+    limit: int | None = None
+    data_dir: str | None = None
+    task_files: dict[str, str] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    seed: int = 1234                # scoring is deterministic; recorded for completeness
+
+    def fingerprint(self) -> str:
+        """A hash of the settings that change numbers (not batch size: padding cannot)."""
+        keys = ("model", "revision", "dtype", "prompt_style", "format", "limit", "data_dir",
+                "task_files")
+        return sha256_json({k: getattr(self, k) for k in keys})
+
+
+def _style(name: str) -> PromptStyle:
+    if name not in PROMPT_STYLES:
+        raise WmdpError(f"prompt style {name!r} is not one of {', '.join(PROMPT_STYLES)}")
+    return PROMPT_STYLES[name]
+
+
+def run_record(model: nn.Module, config: EvalConfig, stats: dict) -> dict:
+    params = next(model.parameters())
+    device_count = torch.cuda.device_count() if params.device.type == "cuda" else 0
+    return {
+        **{k: v for k, v in config.__dict__.items()},
+        "batch_size_used": stats.get("batch_size"),
+        "model_dtype": str(params.dtype).removeprefix("torch."),
+        "model_type": getattr(model.config, "model_type", None),
+        "commit_hash": getattr(model.config, "_commit_hash", None),
+        "padding_side": "right",
+        "device_used": str(params.device),
+        "device_count": device_count,
+        "world_size": 1,
+        "prompt_template": {"letter": build_prompt(
+            MCQItem("{question}", ("{c0}", "{c1}", "{c2}", "{c3}"), 0),
+            Task("{task}", "{topic}"), _style(config.prompt_style))[0]},
+        "versions": library_versions(),
+    }
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, tasks: list[str],
+                   registry: Registry | None = None, *, config: EvalConfig | None = None,
+                   output: Path | None = None, progress: bool = True,
+                   items: dict[str, list[MCQItem]] | None = None) -> dict:
+    """Score `tasks` (names or groups); with `output`, write files and resume finished tasks.
+
+    `items` holds question sets already loaded (by task name); others are loaded here. Without
+    `output`, the returned dict also holds the per-item samples under "samples".
+    """
+    config = config or EvalConfig()
+    registry = registry or Registry.build(config.data_dir, config.task_files, config.format)
+    style = _style(config.prompt_style)
+    names = registry.expand(tasks)
+    previous = read_json(output / RESULTS) if output and (output / RESULTS).is_file() else {}
+    results: dict[str, dict] = {}
+    sources: dict[str, dict] = {}
+    samples: dict[str, list[dict]] = {}
+    stats: dict = {}
+    for name in names:
+        done = previous.get("results", {}).get(name)
+        if done is not None and output is not None and (output / f"samples_{name}.jsonl").is_file():
+            results[name], sources[name] = done, previous["sources"][name]
+            continue
+        task = registry.tasks[name]
+        task_items = (items or {}).get(name) or task.load_items()
+        task_items = task_items[:config.limit] if config.limit is not None else task_items
+        t0 = time.perf_counter()
+        metrics, samples[name] = score_task(model, tokenizer, task, task_items, style,
+                                            config.batch_size, progress, stats)
+        results[name] = {**metrics, "format": task.format,
+                         "seconds": round(time.perf_counter() - t0, 3)}
+        sources[name] = {"source": task.source, "sha256": items_hash(task_items),
+                         "n": len(task_items)}
+        if output is not None:  # each task lands on disk as it finishes: a rerun resumes
+            write_jsonl(output / f"samples_{name}.jsonl", samples.pop(name))
+            write_json(output / RESULTS, _summary(results, sources, registry, model, config, stats))
+    summary = _summary(results, sources, registry, model, config, stats)
+    if output is not None:
+        write_json(output / RESULTS, summary)
+    else:
+        summary["samples"] = samples
+    return summary
+
+
+def _summary(results: dict, sources: dict, registry: Registry, model: nn.Module,
+             config: EvalConfig, stats: dict) -> dict:
+    return {"results": results, "groups": aggregate_groups(results, registry.groups_of(list(results))),
+            "sources": sources, "config": run_record(model, config, stats),
+            "fingerprint": config.fingerprint()}
+
+
+def run_eval(config: EvalConfig, tasks: list[str], output: str | Path,
+             overwrite: bool = False, progress: bool = True) -> dict:
+    """The `wmdp eval` command: load, check the output directory, evaluate, write."""
+    registry = Registry.build(config.data_dir, config.task_files, config.format)
+    _style(config.prompt_style)
+    check_model_source(config.model)
+    out = prepare_output_dir(output, overwrite, RESULTS, config.fingerprint())
+    # bad task names and bad data fail before the (possibly large) model loads
+    done = read_json(out / RESULTS).get("results", {}) if (out / RESULTS).is_file() else {}
+    items = {n: registry.tasks[n].load_items() for n in registry.expand(tasks) if n not in done}
+    model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
+                                  device=config.device, device_map=config.device_map,
+                                  trust_remote_code=config.trust_remote_code)
+    return evaluate_model(model, tokenizer, tasks, registry, config=config, output=out,
+                          progress=progress, items=items)
+
+
+def format_table(results: dict) -> str:
+    """A markdown table of every task and group."""
+    lines = ["| task | n | acc | ± stderr | acc_norm |", "|---|---:|---:|---:|---:|"]
+
+    def row(name: str, r: dict, indent: str = "") -> str:
+        se = r.get("acc_stderr")
+        norm = r.get("acc_norm")
+        return (f"| {indent}{name} | {r['n']} | {r['acc']:.4f} | "
+                f"{'' if se is None else f'{se:.4f}'} | {'' if norm is None else f'{norm:.4f}'} |")
+
+    for name, r in results["groups"].items():
+        lines.append(row(name, r))
+    for name, r in results["results"].items():
+        lines.append(row(name, r))
+    return "\n".join(lines)
+
+
+def results_summary(results: dict) -> dict[str, float]:
+    """{task or group: acc}: the flat view reports and comparisons use."""
+    return {n: r["acc"] for part in ("groups", "results") for n, r in results[part].items()}
+
+
+__all__ = ["EvalConfig", "evaluate_model", "run_eval", "score_task", "aggregate_groups",
+           "mean_stderr", "pooled_stderr", "format_table", "results_summary"]

@@ -1,0 +1,93 @@
+"""`wmdp eval` from the command line: results on disk, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from wmdp.cli import main
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_writes_results_and_table(capsys, llama_mistral_tok, mcq_file, tmp_path):
+    code, out, err = run_cli(capsys, "eval", "--model", llama_mistral_tok, "--task",
+                             f"mine={mcq_file}", "--tasks", "mine", "--output", tmp_path / "o",
+                             "--dtype", "float32", "--batch-size", "8")
+    assert code == 0, err
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["results"]["mine"]["n"] == 40
+    assert "| mine | 40 |" in out
+
+
+def _valid_line() -> str:
+    return json.dumps({"question": "q", "choices": ["a", "b", "c", "d"], "answer": 0})
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"question": "q", "choices": ["a","b","c","d"]}', 'line 1: field "answer" is missing'),
+    ('{"question": "q", "choices": ["a","b","c","d"], "answer": 7}', 'field "answer" is 7, expected 0-3'),
+    ('{"question": "q", "choices": ["a","b","c"], "answer": 1}', 'field "choices" has 3 items, expected 4'),
+    ("", "file is empty"),
+    ("{not json", "line 1: invalid JSON"),
+])
+def test_bad_data_one_line_exit_2(capsys, llama_mistral_tok, tmp_path, content, expected):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    code, _, err = run_cli(capsys, "eval", "--model", llama_mistral_tok, "--task", f"x={p}",
+                           "--tasks", "x", "--output", tmp_path / "o")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"wmdp: {p}") and expected in err
+
+
+def test_model_and_task_errors(capsys, tmp_path, mcq_file):
+    missing = tmp_path / "nope"
+    code, _, err = run_cli(capsys, "eval", "--model", missing, "--task", f"x={mcq_file}",
+                           "--tasks", "x", "--output", tmp_path / "o")
+    assert code == 2 and err == f"wmdp: {missing}: model directory not found\n"
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors").write_bytes(b"not a tensor file")
+    code, _, err = run_cli(capsys, "eval", "--model", broken, "--task", f"x={mcq_file}",
+                           "--tasks", "x", "--output", tmp_path / "o")
+    last = err.strip().splitlines()[-1]  # transformers may draw a loading bar first
+    assert code == 2 and last.startswith(f"wmdp: {broken}: cannot load")
+
+    code, _, err = run_cli(capsys, "eval", "--model", broken, "--tasks", "wmdp_nope",
+                           "--output", tmp_path / "o")
+    assert code == 2 and "unknown task 'wmdp_nope'" in err
+
+
+def test_output_dir_with_other_content_refused(capsys, llama_mistral_tok, mcq_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    args = ["eval", "--model", llama_mistral_tok, "--task", f"x={mcq_file}", "--tasks", "x",
+            "--output", out, "--limit", "3"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "not empty" in err and "--overwrite" in err
+    assert (out / "precious.txt").read_text() == "mine"
+    code, _, err = run_cli(capsys, *args, "--overwrite")
+    assert code == 0 and not (out / "precious.txt").exists()
+    # a finished run with other settings is not silently mixed with this one
+    code, _, err = run_cli(capsys, *args[:-1], "4")
+    assert code == 2 and "different configuration" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point itself: no traceback, exit 2."""
+    exe = os.path.join(os.path.dirname(sys.executable), "wmdp")
+    r = subprocess.run([exe, "eval", "--model", str(tmp_path / "none"), "--tasks", "wmdp_bio",
+                        "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"wmdp: {tmp_path / 'none'}: model directory not found"
