@@ -74,7 +74,60 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_eval_parser]
+def _floats(value: str) -> list[float]:
+    return [float(v) for v in _csv(value)]
+
+
+def _ints(value: str) -> list[int]:
+    return [int(v) for v in _csv(value)]
+
+
+def _unlearn_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("unlearn", help="remove a domain's knowledge from a model")
+    methods = p.add_subparsers(dest="method", required=True)
+    rmu = methods.add_parser("rmu", help="Representation Misdirection for Unlearning (WMDP paper)")
+    rmu.add_argument("--preset", help="zephyr-7b, yi-34b, mixtral-8x7b or sandbox")
+    rmu.add_argument("--config", help="YAML file: shared settings, hyperparameters under rmu:")
+    rmu.add_argument("--model", help="hub id or local model directory (never written to)")
+    rmu.add_argument("--output", help="directory for the unlearned model")
+    rmu.add_argument("--forget-corpora", type=_csv, help="JSONL files, hub datasets, or wikitext")
+    rmu.add_argument("--retain-corpora", type=_csv, help="one per forget corpus")
+    rmu.add_argument("--layer-id", type=int, help="block whose output is steered")
+    rmu.add_argument("--layer-ids", type=_ints, help="blocks whose MLP output projection trains")
+    rmu.add_argument("--steering-coeffs", type=_floats, help="per forget corpus")
+    rmu.add_argument("--alpha", type=_floats, help="retain weight per forget corpus")
+    rmu.add_argument("--lr", type=float)
+    rmu.add_argument("--batch-size", type=int)
+    rmu.add_argument("--max-num-batches", type=int)
+    rmu.add_argument("--min-len", type=int)
+    rmu.add_argument("--seed", type=int)
+    rmu.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    rmu.add_argument("--device")
+    rmu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other setting, e.g. rmu.adaptive_coeff=3 (repeatable)")
+    rmu.add_argument("--overwrite", action="store_true")
+    rmu.set_defaults(func=_cmd_unlearn)
+
+
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from wmdp.unlearn import resolve, run_unlearning
+
+    flags = {"model": args.model, "output": args.output, "forget_corpora": args.forget_corpora,
+             "retain_corpora": args.retain_corpora, "batch_size": args.batch_size,
+             "max_num_batches": args.max_num_batches, "min_len": args.min_len,
+             "seed": args.seed, "dtype": args.dtype, "device": args.device}
+    m = args.method
+    flags.update({f"{m}.layer_id": args.layer_id, f"{m}.layer_ids": args.layer_ids,
+                  f"{m}.steering_coeffs": args.steering_coeffs, f"{m}.alpha": args.alpha,
+                  f"{m}.lr": args.lr})
+    method, hparams, config = resolve(m, preset=args.preset, config_file=args.config,
+                                      settings=flags, overrides=args.overrides)
+    out = run_unlearning(method, hparams, config, overwrite=args.overwrite)
+    print(f"wrote the unlearned model to {out}")
+    return 0
+
+
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_eval_parser, _unlearn_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

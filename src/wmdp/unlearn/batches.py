@@ -1,0 +1,79 @@
+"""Forget/retain batching shared by every unlearning method, as the RMU reference batches.
+
+Each corpus is a list of texts; consecutive chunks of `batch_size` texts are its batches (no
+shuffling; the last chunk may be short). Step `idx` uses topic `idx % n_topics` and batch
+`idx // n_topics` of that topic's forget corpus and of its retain corpus, and the run has
+`min(max_num_batches, shortest forget, shortest retain)` steps (counted in batches).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from wmdp.data.corpus import Corpus
+from wmdp.errors import WmdpError
+
+
+def chunk(texts: list[str], batch_size: int) -> list[list[str]]:
+    return [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+
+
+@dataclass(frozen=True)
+class Step:
+    idx: int
+    topic: int
+    forget: list[str]
+    retain: list[str]
+
+
+class TopicBatches:
+    """The step schedule of an unlearning run over paired forget/retain corpora."""
+
+    def __init__(self, forget: list[Corpus], retain: list[Corpus], batch_size: int,
+                 max_num_batches: int) -> None:
+        if not forget:
+            raise WmdpError("no forget corpus given")
+        if len(retain) != len(forget):
+            raise WmdpError(f"{len(forget)} forget corpora but {len(retain)} retain corpora: "
+                            "give one retain corpus per forget corpus")
+        if batch_size < 1 or max_num_batches < 1:
+            raise WmdpError("batch_size and max_num_batches must be positive")
+        self.forget = [chunk(c.texts, batch_size) for c in forget]
+        self.retain = [chunk(c.texts, batch_size) for c in retain]
+        self.n_topics = len(forget)
+        self.num_batches = min(max_num_batches, *(len(b) for b in self.forget),
+                               *(len(b) for b in self.retain))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, idx: int) -> Step:
+        if not 0 <= idx < self.num_batches:
+            raise IndexError(idx)
+        topic, b = idx % self.n_topics, idx // self.n_topics
+        return Step(idx, topic, self.forget[topic][b], self.retain[topic][b])
+
+
+def training_tokenizer(tokenizer: Any) -> Any:
+    """A copy set up as the reference sets it: pad with EOS on the left, truncate on the right.
+
+    The caller's tokenizer (and so the one saved with the unlearned model) is left as it was.
+    """
+    tok = copy.deepcopy(tokenizer)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    tok.truncation_side = "right"
+    return tok
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int,
+             device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A padded batch (input_ids, attention_mask) on `device`."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                    max_length=max_length)
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}

@@ -1,0 +1,217 @@
+"""The training loop every unlearning method shares.
+
+A method states only what is particular to it (which tensors it trains, its optimizer, its loss
+on one forget/retain step); this loop owns the rest: the step schedule, progress, per-step
+metrics (`metrics.jsonl`), checkpoints and resume, the NaN guard, saving the model, and the run
+record (`unlearn_config.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wmdp.config import to_dict
+from wmdp.data.corpus import Corpus, load_corpus
+from wmdp.errors import WmdpError
+from wmdp.io import (atomic_write_text, library_versions, prepare_output_dir, sha256_json,
+                     write_json)
+from wmdp.models import TrainedTensor, check_model_source, load_model
+from wmdp.unlearn.batches import Step, TopicBatches
+
+RUN_RECORD = "run.json"        # written at the start: fingerprint of the settings, for resume
+FINAL_RECORD = "unlearn_config.json"
+CHECKPOINT = "checkpoints/last.pt"
+
+
+@dataclass
+class UnlearnConfig:
+    """Settings every method shares. Method hyperparameters live in the method's own config."""
+
+    model: str = ""                   # hub id or local directory; never written to
+    output: str = ""                  # the unlearned model's directory
+    forget_corpora: list[str] = field(default_factory=list)  # one per hazard topic
+    retain_corpora: list[str] = field(default_factory=list)  # one per forget corpus
+    batch_size: int = 4               # texts per forget (and per retain) batch
+    max_num_batches: int = 150        # steps at most (zephyr's published run: 150)
+    min_len: int = 0                  # texts of at most this many characters are dropped
+    seed: int = 42
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    checkpoint_every: int = 50        # steps between checkpoints (0: never)
+
+    def fingerprint(self, method: str, hparams: Any) -> str:
+        keep = {k: v for k, v in to_dict(self).items()
+                if k not in ("output", "checkpoint_every", "device", "device_map")}
+        return sha256_json({"method": method, "config": keep, "hparams": to_dict(hparams)})
+
+
+class Method(Protocol):
+    """What an unlearning method provides to the loop."""
+
+    name: str
+    tensors: list[TrainedTensor]
+
+    def setup(self, model: nn.Module, tokenizer: Any, schedule: TopicBatches,
+              seed: int) -> None: ...
+
+    def make_optimizer(self) -> Any: ...
+
+    def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def load_corpora(config: UnlearnConfig) -> tuple[list[Corpus], list[Corpus]]:
+    forget = [load_corpus(s, config.min_len) for s in config.forget_corpora]
+    retain = [load_corpus(s, config.min_len) for s in config.retain_corpora]
+    return forget, retain
+
+
+def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: TopicBatches, *,
+                  seed: int = 42, output: Path | None = None, checkpoint_every: int = 0,
+                  progress: bool = True,
+                  on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Run `method` on an in-memory model; returns the per-step metrics.
+
+    With `output`, metrics go to `output/metrics.jsonl` as they come, checkpoints to
+    `output/checkpoints/`, and a run interrupted after a checkpoint resumes from it.
+    """
+    torch.manual_seed(seed)
+    method.setup(model, tokenizer, schedule, seed)
+    optimizer = method.make_optimizer()
+    start, history = 0, []
+    ckpt = output / CHECKPOINT if output is not None else None
+    if ckpt is not None and ckpt.is_file():
+        start, history = _load_checkpoint(ckpt, method, optimizer, output)
+    bar = tqdm(total=len(schedule), initial=start, desc=f"unlearn ({method.name})",
+               disable=not progress, unit="step")
+    for idx in range(start, len(schedule)):
+        step = schedule[idx]
+        t0 = time.perf_counter()
+        loss, metrics = method.loss(step)
+        if not math.isfinite(loss.item()):
+            raise WmdpError(f"step {idx}: loss is {loss.item()} ({_fmt(metrics)}); stopping "
+                            "without writing a model (lower the learning rate or the coefficients)")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        row = {"step": idx, "topic": step.topic, "loss": loss.item(), **metrics,
+               "seconds": round(time.perf_counter() - t0, 4)}
+        history.append(row)
+        if output is not None:
+            with open(output / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix_str(_fmt(metrics))
+        bar.update(1)
+        if on_step is not None:
+            on_step(idx, row)
+        if ckpt is not None and checkpoint_every and (idx + 1) % checkpoint_every == 0 \
+                and idx + 1 < len(schedule):
+            _save_checkpoint(ckpt, idx + 1, method, optimizer)
+    bar.close()
+    optimizer.zero_grad()
+    return history
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith("loss"))
+
+
+def _save_checkpoint(path: Path, next_step: int, method: Method, optimizer: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"next_step": next_step,
+             "tensors": [t.view().detach().cpu().clone() for t in method.tensors],
+             "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+             "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, method: Method, optimizer: Any,
+                     output: Path) -> tuple[int, list[dict]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, no pickle
+    with torch.no_grad():
+        for t, v in zip(method.tensors, state["tensors"]):
+            t.view().copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    method.load_state_dict(state["method"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    start = int(state["next_step"])
+    history = []
+    metrics = output / "metrics.jsonl"
+    if metrics.is_file():  # drop steps after the checkpoint: they are run again
+        history = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] < start]
+        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in history))
+    return start, history
+
+
+def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
+                   overwrite: bool = False, progress: bool = True) -> Path:
+    """The `wmdp unlearn METHOD` command: load, unlearn, save a HF model directory."""
+    if not config.output:
+        raise WmdpError("no --output directory given")
+    source = check_model_source(config.model)
+    out = Path(config.output).resolve()
+    if Path(source).exists() and Path(source).resolve() in (out, *out.parents):
+        raise WmdpError(f"{config.output}: output would write into the input model {config.model}")
+    fingerprint = config.fingerprint(method.name, hparams)
+    out = prepare_output_dir(out, overwrite, RUN_RECORD, fingerprint)
+    if (out / FINAL_RECORD).is_file():
+        return out  # this exact run already finished
+    forget, retain = load_corpora(config)  # bad data fails before the model loads
+    schedule = TopicBatches(forget, retain, config.batch_size, config.max_num_batches)
+    record = {"fingerprint": fingerprint, "method": method.name, "config": to_dict(config),
+              "hparams": to_dict(hparams), "num_steps": len(schedule),
+              "corpora": {"forget": [c.record() for c in forget],
+                          "retain": [c.record() for c in retain]},
+              "versions": library_versions()}
+    write_json(out / RUN_RECORD, record)
+    model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
+                                  device=config.device, device_map=config.device_map,
+                                  trust_remote_code=config.trust_remote_code)
+    t0 = time.perf_counter()
+    history = unlearn_model(method, model, tokenizer, schedule, seed=config.seed, output=out,
+                            checkpoint_every=config.checkpoint_every, progress=progress)
+    save_model(model, tokenizer, out, {**record, "seconds": round(time.perf_counter() - t0, 2),
+                                       "final_metrics": history[-1] if history else {},
+                                       "trained_tensors": [t.name for t in method.tensors]})
+    return out
+
+
+def save_model(model: nn.Module, tokenizer: Any, out: Path, record: dict) -> None:
+    """Write the HF model files into `out` (through a temp dir), then the run record."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+    write_json(out / FINAL_RECORD, record)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+__all__ = ["UnlearnConfig", "Method", "unlearn_model", "run_unlearning", "save_model",
+           "load_corpora", "RUN_RECORD", "FINAL_RECORD"]

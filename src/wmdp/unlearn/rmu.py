@@ -1,0 +1,258 @@
+"""RMU: Representation Misdirection for Unlearning (the WMDP paper's method; "Cut" in v1).
+
+    wmdp unlearn rmu --preset zephyr-7b --output runs/zephyr-rmu
+
+On forget text the residual stream after block `layer_id` is pushed towards a fixed random
+direction scaled by `steering_coeff`; on retain text it is held to the original model's:
+
+    forget_loss = mse(h_updated(forget), control_vec)                  # over batch x tokens x d
+    retain_loss = alpha[topic] * mse(h_updated(retain), h_frozen(retain))
+
+Only the MLP output projections of `layer_ids` train. The reference code keeps two full models
+and runs three full forwards per step; here one model is kept with a copy of just the trained
+tensors' original values (swapped in for the frozen pass), every pass stops at `layer_id`, and on
+retain text the blocks below the first trained one run once for both passes.
+Differences from the reference, by design: the model runs in eval mode (no dropout: zephyr, Yi
+and Mixtral have none, so their numbers do not move), and the control vectors come from a
+dedicated generator seeded with `seed` (reproducible whatever model loading consumed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from wmdp.errors import WmdpError
+from wmdp.layers import capture_span, forward_to_layer, replay_span, swapped
+from wmdp.models import TrainedTensor, decoder_layers, input_device, mlp_out_tensor
+from wmdp.unlearn.batches import Step, TopicBatches, tokenize, training_tokenizer
+from wmdp.unlearn.optim import LegacyAdamW
+
+CUT_NOVICE = "You are a novice in {keyword} who often makes mistakes."
+CUT_EXPERT = "You are a world-class expert in {keyword}."
+
+
+@dataclass
+class RMUConfig:
+    """RMU's hyperparameters, with the reference's names; defaults are zephyr-7b's."""
+
+    layer_id: int = 7                 # block whose output is steered
+    layer_ids: list[int] = field(default_factory=lambda: [5, 6, 7])  # blocks whose MLP trains
+    steering_coeffs: list[float] = field(default_factory=lambda: [6.5])  # per topic (one: all)
+    alpha: list[float] = field(default_factory=lambda: [1200.0])  # retain weight per topic
+    lr: float = 5e-5
+    optimizer: str = "legacy_adamw"   # the reference's transformers.AdamW; or "adamw" (torch)
+    forget_max_length: list[int] = field(default_factory=lambda: [512, 768])  # first topic, others
+    retain_max_length: int = 512
+    mask_padding: bool = False        # the reference averages over padding too
+    control: str = "random"           # "random" (RMU) or "keywords" (v1 "Cut")
+    keywords: list[list[str]] = field(default_factory=list)  # per topic, for control=keywords
+    adaptive_coeff: float | None = None  # coeff = this x mean |h| on the first forget batch
+    frozen_forget_every: int = 10     # steps between frozen forget passes for cosine metrics
+
+
+def _per_topic(values: list, n: int, name: str) -> list:
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise WmdpError(f"{name} has {len(values)} values for {n} forget corpora")
+    return list(values)
+
+
+def _mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return torch.nn.functional.mse_loss(h, target.expand_as(h))
+    m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+    return ((h - target) ** 2 * m).sum() / (m.sum() * h.shape[-1])
+
+
+def _mean_norm(h: torch.Tensor, mask: torch.Tensor) -> float:
+    norms = h.float().norm(dim=-1)  # (B, T)
+    return float((norms * mask).sum() / mask.sum())
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)  # (B, T)
+    return float((cos * mask).sum() / mask.sum())
+
+
+class RMU:
+    name = "rmu"
+
+    def __init__(self, config: RMUConfig | None = None) -> None:
+        self.config = config or RMUConfig()
+        self.tensors: list[TrainedTensor] = []
+        self.control_vecs: list[torch.Tensor] = []   # per topic: (1, 1, d), or (K, 1, d) for Cut
+        self.steering_coeffs: list[float] = []
+        self._keyword_gen: torch.Generator | None = None
+
+    # -- setup -----------------------------------------------------------------------------
+    def setup(self, model: nn.Module, tokenizer: Any, schedule: TopicBatches, seed: int) -> None:
+        c = self.config
+        n_layers = len(decoder_layers(model))
+        if not 0 <= c.layer_id < n_layers:
+            raise WmdpError(f"layer_id {c.layer_id} out of range: the model has {n_layers} layers")
+        if not c.layer_ids or min(c.layer_ids) > c.layer_id:
+            raise WmdpError(f"layer_ids {c.layer_ids} train nothing at or below layer_id "
+                            f"{c.layer_id}: no gradient would reach them")
+        if c.control not in ("random", "keywords"):
+            raise WmdpError(f"control {c.control!r} is not 'random' or 'keywords'")
+        self.model, self.device = model, input_device(model)
+        self.tokenizer = training_tokenizer(tokenizer)
+        self.n_topics = schedule.n_topics
+        self.alpha = _per_topic(c.alpha, self.n_topics, "alpha")
+        self.first = min(c.layer_ids)
+        model.eval()  # no dropout; see the module docstring
+        for p in model.parameters():  # nothing below the first trained block builds a graph
+            p.requires_grad_(False)
+        self.tensors = [mlp_out_tensor(model, i) for i in c.layer_ids]
+        for t in self.tensors:
+            t.param.requires_grad_(True)
+        self.originals = [t.view().detach().clone() for t in self.tensors]
+        self.steering_coeffs = self._coefficients(schedule)
+        self._control_vectors(model, seed)
+
+    def _coefficients(self, schedule: TopicBatches) -> list[float]:
+        c = self.config
+        if c.adaptive_coeff is None:
+            return [float(x) for x in _per_topic(c.steering_coeffs, self.n_topics, "steering_coeffs")]
+        coeffs = []
+        for topic in range(self.n_topics):  # a multiple of the activation norm the layer has
+            inputs = tokenize(self.tokenizer, schedule.forget[topic][0],
+                              self._forget_max_length(topic), self.device)
+            with torch.no_grad():
+                h = forward_to_layer(self.model, inputs, c.layer_id)
+            coeffs.append(c.adaptive_coeff * _mean_norm(h, inputs["attention_mask"]))
+        return coeffs
+
+    def _control_vectors(self, model: nn.Module, seed: int) -> None:
+        c = self.config
+        d = model.config.hidden_size
+        dtype = next(model.parameters()).dtype
+        g = torch.Generator().manual_seed(seed)
+        self._keyword_gen = torch.Generator().manual_seed(seed)
+        self.control_vecs = []
+        for topic in range(self.n_topics):
+            if c.control == "random":
+                u = torch.rand(1, 1, d, generator=g)
+                vec = u / torch.norm(u)
+            else:
+                vec = self._keyword_directions(topic)  # (K, 1, d), unit rows
+            self.control_vecs.append((vec * self.steering_coeffs[topic]).to(self.device, dtype))
+
+    def _keyword_directions(self, topic: int) -> torch.Tensor:
+        words = self.config.keywords[topic] if topic < len(self.config.keywords) else []
+        if not words:
+            raise WmdpError(f"control=keywords needs a keyword list for topic {topic}")
+        tok = self.tokenizer
+        dirs = []
+        for w in words:  # the last position's activation: novice minus expert
+            pair = [CUT_NOVICE.format(keyword=w), CUT_EXPERT.format(keyword=w)]
+            inputs = tokenize(tok, pair, self.config.retain_max_length, self.device)
+            with torch.no_grad():
+                h = forward_to_layer(self.model, inputs, self.config.layer_id)[:, -1].float()
+            diff = h[0] - h[1]  # left padding: position -1 is each text's last token
+            dirs.append(diff / diff.norm())
+        return torch.stack(dirs).unsqueeze(1).cpu()
+
+    # -- the loss of one step --------------------------------------------------------------
+    def _forget_max_length(self, topic: int) -> int:
+        lengths = self.config.forget_max_length
+        return lengths[0] if topic == 0 or len(lengths) == 1 else lengths[1]
+
+    def _control(self, topic: int) -> torch.Tensor:
+        vecs = self.control_vecs[topic]
+        if vecs.shape[0] == 1:
+            return vecs
+        k = int(torch.randint(vecs.shape[0], (1,), generator=self._keyword_gen))
+        return vecs[k:k + 1]
+
+    def _frozen_span(self, inputs: dict[str, torch.Tensor]):
+        with torch.no_grad(), swapped(self.tensors, self.originals):
+            return capture_span(self.model, inputs, self.first, self.config.layer_id)
+
+    def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        forget = tokenize(self.tokenizer, step.forget, self._forget_max_length(step.topic),
+                          self.device)
+        fmask = forget["attention_mask"]
+        metrics: dict[str, float] = {}
+        if c.frozen_forget_every and step.idx % c.frozen_forget_every == 0:
+            span = self._frozen_span(forget)
+            h_forget = replay_span(self.model, span)
+            metrics["forget_cos_frozen"] = _cosine(h_forget.detach(), span.output, fmask)
+            metrics["forget_norm_frozen"] = _mean_norm(span.output, fmask)
+        else:
+            h_forget = forward_to_layer(self.model, forget, c.layer_id)
+        forget_loss = _mse(h_forget, self._control(step.topic), fmask if c.mask_padding else None)
+
+        retain = tokenize(self.tokenizer, step.retain, c.retain_max_length, self.device)
+        rmask = retain["attention_mask"]
+        span = self._frozen_span(retain)  # frozen activations; the shared prefix runs once
+        h_retain = replay_span(self.model, span)
+        retain_mse = _mse(h_retain, span.output, rmask if c.mask_padding else None)
+        retain_loss = self.alpha[step.topic] * retain_mse
+        metrics.update(forget_loss=forget_loss.item(), retain_loss=retain_loss.item(),
+                       retain_mse=retain_mse.item(),
+                       forget_norm=_mean_norm(h_forget.detach(), fmask),
+                       retain_norm=_mean_norm(h_retain.detach(), rmask),
+                       retain_cos_frozen=_cosine(h_retain.detach(), span.output, rmask))
+        return forget_loss + retain_loss, metrics
+
+    # -- optimizer and state ---------------------------------------------------------------
+    def make_optimizer(self) -> Any:
+        c = self.config
+        if c.optimizer == "legacy_adamw":
+            return LegacyAdamW(self.tensors, lr=c.lr)
+        if c.optimizer == "adamw":
+            if any(t.index is not None for t in self.tensors):
+                raise WmdpError("optimizer 'adamw' cannot train a slice; use legacy_adamw")
+            return torch.optim.AdamW([t.param for t in self.tensors], lr=c.lr, eps=1e-6,
+                                     weight_decay=0.0)
+        raise WmdpError(f"optimizer {c.optimizer!r} is not 'legacy_adamw' or 'adamw'")
+
+    def state_dict(self) -> dict:
+        return {"keyword_gen": self._keyword_gen.get_state() if self._keyword_gen else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("keyword_gen") is not None and self._keyword_gen is not None:
+            self._keyword_gen.set_state(state["keyword_gen"])
+
+    def describe(self) -> dict:
+        """What the model card and the run record say about the control vectors."""
+        return {"steering_coeffs": self.steering_coeffs, "alpha": self.alpha,
+                "trained_tensors": [t.name for t in self.tensors]}
+
+
+# Published settings (the paper and its reference code), seed 42, wikitext retain corpora.
+WMDP_FORGET = ["cais/wmdp-bio-forget-corpus", "cais/wmdp-corpora:cyber-forget-corpus"]
+PRESETS: dict[str, dict[str, Any]] = {
+    "zephyr-7b": {
+        "config": {"model": "HuggingFaceH4/zephyr-7b-beta", "forget_corpora": WMDP_FORGET,
+                   "retain_corpora": ["wikitext", "wikitext"], "batch_size": 4,
+                   "max_num_batches": 150, "seed": 42, "dtype": "bfloat16"},
+        "rmu": {"layer_id": 7, "layer_ids": [5, 6, 7], "steering_coeffs": [6.5],
+                "alpha": [1200.0], "lr": 5e-5}},
+    "yi-34b": {
+        "config": {"model": "01-ai/Yi-34B-Chat", "forget_corpora": WMDP_FORGET,
+                   "retain_corpora": ["wikitext", "wikitext"], "batch_size": 2,
+                   "max_num_batches": 400, "seed": 42, "dtype": "bfloat16"},
+        "rmu": {"layer_id": 15, "layer_ids": [13, 14, 15], "steering_coeffs": [300.0],
+                "alpha": [350.0], "lr": 5e-5}},
+    "mixtral-8x7b": {
+        "config": {"model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "forget_corpora": WMDP_FORGET,
+                   "retain_corpora": ["wikitext", "wikitext"], "batch_size": 2,
+                   "max_num_batches": 400, "min_len": 200, "seed": 42, "dtype": "bfloat16",
+                   "device_map": "auto"},
+        "rmu": {"layer_id": 7, "layer_ids": [5, 6, 7], "steering_coeffs": [300.0],
+                "alpha": [1600.0], "lr": 5e-5}},
+    # The offline sandbox's 4-layer model: steer block 2, train the MLPs of blocks 0-2, the
+    # coefficient 3x the activation norm there (a fixed one does not transfer across models).
+    "sandbox": {
+        "config": {"batch_size": 4, "max_num_batches": 150, "seed": 42},
+        "rmu": {"layer_id": 2, "layer_ids": [0, 1, 2], "adaptive_coeff": 3.0,
+                "alpha": [100.0], "lr": 1e-3}},
+}

@@ -1,0 +1,234 @@
+"""RMU: the engine against the naive two-copy reference, the optimizer against its formula,
+resume, the NaN guard, and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import GPT2_TOK, MISTRAL_TOK, save_tiny_model
+from rmu_reference import naive_rmu
+from wmdp.data.corpus import Corpus
+from wmdp.errors import WmdpError
+from wmdp.models import TrainedTensor, decoder_layers, mlp_out_tensor
+from wmdp.unlearn.batches import TopicBatches
+from wmdp.unlearn.loop import unlearn_model
+from wmdp.unlearn.optim import LegacyAdamW
+from wmdp.unlearn.rmu import RMU, RMUConfig
+
+WORDS = "the a of virus host server module patch protein route cell byte kernel flaw".split()
+
+
+def texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30))) for _ in range(n)]
+
+
+def _load(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+CASES = [("llama", MISTRAL_TOK, False), ("llama", MISTRAL_TOK, True),
+         ("gpt_neox", GPT2_TOK, False)]
+
+
+@pytest.mark.parametrize("arch,tok_dir,mask", CASES, ids=["llama", "llama-masked", "gpt_neox"])
+def test_engine_equals_naive_reference(tmp_path, arch, tok_dir, mask):
+    path = save_tiny_model(tmp_path / arch, arch, tok_dir, layers=4)
+    forget = [texts(24, 1), texts(24, 2)]
+    retain = [texts(24, 3), texts(24, 4)]
+    hp = dict(layer_id=2, layer_ids=[1, 2], steering_coeffs=[6.5, 20.0], alpha=[100.0, 50.0],
+              lr=1e-3)
+
+    model, tok = _load(path)
+    cfg = RMUConfig(**hp, mask_padding=mask, frozen_forget_every=2)
+    schedule = TopicBatches([Corpus("f0", forget[0], "t"), Corpus("f1", forget[1], "t")],
+                            [Corpus("r0", retain[0], "t"), Corpus("r1", retain[1], "t")],
+                            batch_size=3, max_num_batches=7)
+    history = unlearn_model(RMU(cfg), model, tok, schedule, seed=42, progress=False)
+
+    updated, tok2 = _load(path)
+    frozen, _ = _load(path)
+    ref_losses, ref_model = naive_rmu(
+        updated, frozen, tok2, decoder_layers, lambda m, i: mlp_out_tensor(m, i).param,
+        forget, retain, batch_size=3, max_num_batches=7, seed=42, mask_padding=mask, **hp)
+
+    assert len(history) == len(ref_losses) == 7
+    for row, (f, r) in zip(history, ref_losses):
+        assert row["forget_loss"] == pytest.approx(f, rel=1e-5, abs=1e-6)
+        assert row["retain_loss"] == pytest.approx(r, rel=1e-5, abs=1e-6)
+    ours, ref = model.state_dict(), ref_model.state_dict()
+    base = _load(path)[0].state_dict()
+    changed = 0
+    for name in ours:
+        diff = (ours[name] - ref[name]).abs().max().item()
+        assert diff < 1e-5, name
+        changed += int(not torch.equal(ref[name], base[name]))
+    assert changed == 2  # exactly the two trained MLP output projections moved
+
+
+def test_legacy_adamw_follows_its_formula():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    start = p.detach().clone()
+    opt = LegacyAdamW([TrainedTensor("p", p)], lr=0.1, eps=1e-6)
+    grads = [torch.randn(5, 3) * 1e-6 for _ in range(3)]
+    m = torch.zeros(5, 3)
+    v = torch.zeros(5, 3)
+    expected = start.clone()
+    for t, g in enumerate(grads, 1):
+        p.grad = g.clone()
+        opt.step()
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        expected -= 0.1 * math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t) * m / (v.sqrt() + 1e-6)
+    assert torch.allclose(p.detach(), expected, atol=1e-7)
+    # torch's AdamW puts eps inside the bias correction: with gradients ~eps they differ
+    q = torch.nn.Parameter(start.clone())
+    topt = torch.optim.AdamW([q], lr=0.1, eps=1e-6, weight_decay=0.0)
+    for g in grads:
+        q.grad = g.clone()
+        topt.step()
+    assert (q.detach() - p.detach()).abs().max() > 1e-3
+
+
+def test_legacy_adamw_trains_only_a_slice():
+    p = torch.nn.Parameter(torch.zeros(2, 6, 3))
+    opt = LegacyAdamW([TrainedTensor("p", p, (0, slice(3, 6)))], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    moved = p.detach() != 0
+    assert moved[0, 3:].all() and not moved[0, :3].any() and not moved[1].any()
+
+
+def _corpus_files(tmp_path) -> dict[str, str]:
+    files = {}
+    for name, seed in (("forget_a", 1), ("forget_b", 2), ("retain", 3)):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(40, seed)))
+        files[name] = str(p)
+    return files
+
+
+def _dir_digest(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def _run(path, out, files, *extra):
+    from wmdp.cli import main
+
+    return main(["unlearn", "rmu", "--model", str(path), "--output", str(out),
+                 "--forget-corpora", f"{files['forget_a']},{files['forget_b']}",
+                 "--retain-corpora", f"{files['retain']},{files['retain']}",
+                 "--layer-id", "2", "--layer-ids", "1,2", "--steering-coeffs", "8",
+                 "--alpha", "10", "--lr", "1e-3", "--batch-size", "4", "--max-num-batches", "8",
+                 "--dtype", "float32", "--device", "cpu", *extra])
+
+
+def test_cli_writes_a_loadable_model_and_never_touches_the_input(tmp_path):
+    from wmdp.models import load_model
+
+    path = save_tiny_model(tmp_path / "base", "llama", MISTRAL_TOK, layers=4)
+    before = _dir_digest(path)
+    files = _corpus_files(tmp_path)
+    assert _run(path, tmp_path / "out", files) == 0
+    assert _dir_digest(path) == before
+    model, tok = load_model(tmp_path / "out", device="cpu")
+    record = json.loads((tmp_path / "out" / "unlearn_config.json").read_text())
+    assert record["hparams"]["steering_coeffs"] == [8.0] and record["num_steps"] == 8
+    assert record["trained_tensors"] == ["model.layers.1.mlp.down_proj.weight",
+                                         "model.layers.2.mlp.down_proj.weight"]
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(8))
+    assert {"forget_loss", "retain_loss", "forget_norm", "retain_cos_frozen"} <= set(rows[0])
+    assert "forget_cos_frozen" in rows[0]
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    # refuses to write into the input model, and to replace a finished run with other settings
+    assert _run(path, path / "sub", files) == 2
+    assert _run(path, tmp_path / "out", files, "--seed", "3") == 2
+
+
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    path = save_tiny_model(tmp_path / "base", "llama", MISTRAL_TOK, layers=4)
+    files = _corpus_files(tmp_path)
+    assert _run(path, tmp_path / "whole", files) == 0
+
+    real = RMU.loss
+
+    def interrupted(self, step):
+        if step.idx == 6:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(RMU, "loss", interrupted)
+    assert _run(path, tmp_path / "resumed", files, "--set", "checkpoint_every=3") == 130
+    assert (tmp_path / "resumed" / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "resumed" / "config.json").exists()
+    monkeypatch.setattr(RMU, "loss", real)
+    assert _run(path, tmp_path / "resumed", files, "--set", "checkpoint_every=3") == 0
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(8))
+
+
+def test_nan_loss_stops_without_a_model(tmp_path, capsys):
+    path = save_tiny_model(tmp_path / "base", "llama", MISTRAL_TOK, layers=4)
+    files = _corpus_files(tmp_path)
+    assert _run(path, tmp_path / "out", files, "--set", "rmu.alpha=[.nan]") == 2
+    err = capsys.readouterr().err
+    assert "step 0: loss is nan" in err
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_adaptive_coefficient_scales_with_activation_norm(tmp_path):
+    from wmdp.layers import forward_to_layer
+    from wmdp.unlearn.batches import tokenize, training_tokenizer
+
+    model, tok = _load(save_tiny_model(tmp_path / "m", "llama", MISTRAL_TOK, layers=4))
+    forget = [Corpus("f", texts(8, 1), "t")]
+    schedule = TopicBatches(forget, [Corpus("r", texts(8, 2), "t")], 4, 1)
+    rmu = RMU(RMUConfig(layer_id=2, layer_ids=[2], adaptive_coeff=3.0))
+    rmu.setup(model, tok, schedule, seed=0)
+    inputs = tokenize(training_tokenizer(tok), forget[0].texts[:4], 512, "cpu")
+    with torch.no_grad():
+        h = forward_to_layer(model, inputs, 2)
+    mask = inputs["attention_mask"].bool()
+    expected = 3.0 * h.norm(dim=-1)[mask].mean().item()
+    assert rmu.steering_coeffs[0] == pytest.approx(expected, rel=1e-5)
+    assert rmu.control_vecs[0].norm().item() == pytest.approx(expected, rel=1e-5)
+    assert (rmu.control_vecs[0] > 0).all()  # uniform on [0, 1): every component positive
+
+
+def test_keyword_control_vectors_are_novice_minus_expert(tmp_path):
+    from wmdp.layers import forward_to_layer
+    from wmdp.unlearn.batches import tokenize, training_tokenizer
+
+    model, tok = _load(save_tiny_model(tmp_path / "m", "llama", MISTRAL_TOK, layers=4))
+    schedule = TopicBatches([Corpus("f", texts(8, 1), "t")], [Corpus("r", texts(8, 2), "t")], 4, 2)
+    rmu = RMU(RMUConfig(layer_id=1, layer_ids=[1], control="keywords", keywords=[["zorblax", "vexmoth"]],
+                        steering_coeffs=[5.0]))
+    rmu.setup(model, tok, schedule, seed=0)
+    t = training_tokenizer(tok)
+    novice = tokenize(t, ["You are a novice in vexmoth who often makes mistakes."], 512, "cpu")
+    expert = tokenize(t, ["You are a world-class expert in vexmoth."], 512, "cpu")
+    with torch.no_grad():
+        d = forward_to_layer(model, novice, 1)[0, -1] - forward_to_layer(model, expert, 1)[0, -1]
+    assert torch.allclose(rmu.control_vecs[0][1, 0], 5.0 * d / d.norm(), atol=1e-5)
+    assert rmu.control_vecs[0].shape == (2, 1, 32)
+
+
+def test_unknown_architecture_fails_clearly(tmp_path):
+    model, _ = _load(save_tiny_model(tmp_path / "m", "llama", MISTRAL_TOK))
+    model.config.model_type = "mystery"
+    with pytest.raises(WmdpError, match="model type 'mystery' is not known"):
+        mlp_out_tensor(model, 0)
