@@ -8,8 +8,8 @@ What is faster than lm-eval, with the same numbers:
 - one forward pass per question when every continuation is one token (` A`..` D`): the four
   log-probabilities are read from the log-softmax at the last context position. A question with
   any longer continuation falls back to one row per choice, exactly as lm-eval scores it;
-- the LM head runs only on the last positions a batch needs (`logits_to_keep`), not on every
-  position of every row;
+- the LM head runs only on the positions a row reads (its input is gathered before it runs),
+  not on every position of every row;
 - rows are sorted by length and right-padded without an attention mask: a causal model never
   attends forward, so padding cannot change a score;
 - tokenisation is batched in the tokenizer's native code.
@@ -17,7 +17,6 @@ What is faster than lm-eval, with the same numbers:
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -96,44 +95,71 @@ def _rows(encoded: list[tuple[list[int], list[list[int]]]], max_length: int) -> 
     return rows
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 @torch.no_grad()
-def _score_batch(model: nn.Module, batch: list[_Row], keep_tail: bool) -> list[list[float]]:
+def _score_batch(model: nn.Module, batch: list[_Row]) -> list[list[float]]:
     """Summed continuation log-likelihoods for each read of each row of one batch."""
     width = max(len(r.tokens) for r in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long)
     for b, r in enumerate(batch):
         ids[b, :len(r.tokens)] = torch.tensor(r.tokens)
-    starts = [start for r in batch for _, start, targets in r.reads if targets]
-    if not starts:  # only empty continuations: log-likelihood 0, nothing to run
-        return [[0.0] * len(r.reads) for r in batch]
-    first = min(starts)  # only positions >= first are read: the model computes logits for those
-    kwargs = {"logits_to_keep": width - first} if keep_tail else {}
-    logits = model(ids.to(input_device(model)), **kwargs).logits  # (B, W, V)
-    offset = width - logits.shape[1]
+    # The positions each row reads, (B, K); the LM head runs on these alone.
+    spans = [sorted({start + k for _, start, t in r.reads for k in range(len(t))}) or [0]
+             for r in batch]
+    k_max = max(len(s) for s in spans)
+    positions = torch.tensor([s + [s[-1]] * (k_max - len(s)) for s in spans])
+    logits = _logits_at(model, ids.to(input_device(model)), positions)  # (B, K, V)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    out = []
-    for b, r in enumerate(batch):
-        lls = []
-        for _, start, targets in r.reads:
-            if not targets:
-                lls.append(0.0)
-                continue
-            pos = torch.arange(start, start + len(targets), device=logprobs.device) - offset
-            tgt = torch.tensor(targets, device=logprobs.device)
-            lls.append(float(logprobs[b, pos, tgt].sum()))
-        out.append(lls)
-    return out
+    # one gather for every (row, position, target token); sums per (row, read)
+    rows, ks, toks, slots = [], [], [], []
+    n_reads = max(len(r.reads) for r in batch)
+    for b, (r, span) in enumerate(zip(batch, spans)):
+        where = {p: k for k, p in enumerate(span)}
+        for slot, (_, start, targets) in enumerate(r.reads):
+            for offset, t in enumerate(targets):
+                rows.append(b)
+                ks.append(where[start + offset])
+                toks.append(t)
+                slots.append(b * n_reads + slot)
+    dev = logprobs.device
+    vals = logprobs[torch.tensor(rows, device=dev), torch.tensor(ks, device=dev),
+                    torch.tensor(toks, device=dev)]
+    sums = torch.zeros(len(batch) * n_reads, dtype=torch.float64, device=dev)
+    sums.index_add_(0, torch.tensor(slots, device=dev), vals.double())
+    sums = sums.view(len(batch), n_reads).tolist()
+    return [sums[b][:len(r.reads)] for b, r in enumerate(batch)]
+
+
+def _logits_at(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits at `positions` (B, K) only: the LM head's input is gathered before it runs.
+
+    A pre-hook on the output embedding picks the wanted positions, so the head (and any
+    elementwise post-processing a model applies, like Gemma's soft-capping) sees (B, K, d).
+    A model whose forward bypasses its output module falls back to gathering full logits.
+    """
+    head = model.get_output_embeddings()
+    pos = positions.to(ids.device)
+    fired = []
+
+    def gather(module: nn.Module, args: tuple) -> tuple:
+        h = args[0]
+        fired.append(True)
+        idx = pos.to(h.device).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        return (torch.gather(h, 1, idx), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        logits = model(ids, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if fired:
+        return logits
+    idx = pos.to(logits.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    return torch.gather(logits, 1, idx)
 
 
 def loglikelihoods(model: nn.Module, tokenizer: Any, requests: Sequence[Request], *,
@@ -144,17 +170,32 @@ def loglikelihoods(model: nn.Module, tokenizer: Any, requests: Sequence[Request]
     max_length = max_length or model_max_length(model, tokenizer)
     encoded = encode_requests(tokenizer, requests, add_special_tokens)
     rows = _rows(encoded, max_length)
-    rows.sort(key=lambda r: (-len(r.tokens), r.tokens))  # longest first: OOM shows at once
-    bs = _initial_batch_size(batch_size, model)
-    keep_tail = _accepts_logits_to_keep(model)
     results: list[list[float]] = [[0.0] * len(r.continuations) for r in requests]
+    for r, lls in zip(rows, score_rows(model, rows, batch_size=batch_size, progress=progress,
+                                       on_batch_size=on_batch_size)):
+        for (choice, _, _), ll in zip(r.reads, lls):
+            results[r.request][choice] = ll
+    return results
+
+
+def score_rows(model: nn.Module, rows: list[_Row], *, batch_size: int | str = "auto",
+               progress: bool | str = True,
+               on_batch_size: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Each row's summed log-likelihood per read, in the order given.
+
+    Rows run longest first (an out-of-memory shows at once), in batches that halve and retry
+    on out-of-memory; `on_batch_size` hears the batch size that worked.
+    """
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
+    out: list[list[float]] = [[] for _ in rows]
+    bs = _initial_batch_size(batch_size, model)
     bar = tqdm(total=len(rows), desc=progress if isinstance(progress, str) else "scoring",
                disable=not progress, leave=False, unit="row")
     i = 0
-    while i < len(rows):
-        batch = rows[i:i + bs]
+    while i < len(order):
+        idx = order[i:i + bs]
         try:
-            scores = _score_batch(model, batch, keep_tail)
+            scores = _score_batch(model, [rows[j] for j in idx])
         except RuntimeError as e:
             if not _is_oom(e) or bs == 1:
                 raise
@@ -162,15 +203,14 @@ def loglikelihoods(model: nn.Module, tokenizer: Any, requests: Sequence[Request]
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        for r, lls in zip(batch, scores):
-            for (choice, _, _), ll in zip(r.reads, lls):
-                results[r.request][choice] = ll
-        i += len(batch)
-        bar.update(len(batch))
+        for j, lls in zip(idx, scores):
+            out[j] = lls
+        i += len(idx)
+        bar.update(len(idx))
     bar.close()
     if on_batch_size is not None:
         on_batch_size(bs)
-    return results
+    return out
 
 
 def _initial_batch_size(batch_size: int | str, model: nn.Module) -> int:
