@@ -84,6 +84,80 @@ def load_config(cls: type[T], path: str | Path | None = None,
     return from_dict(cls, apply_overrides(data, overrides or []), where)
 
 
+def cli_flags(parser: Any, cls: type, dest_prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` flag per field of dataclass `cls`, defaulting to None (= unset).
+
+    Lists are comma-separated (`--layer-ids 5,6,7`); anything nested is given as YAML
+    (`--keywords '[[a, b], [c]]'`); booleans take true/false (bare flag: true).
+    """
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        text = comments.get(f.name, "").replace("%", "%%")
+        kwargs: dict[str, Any] = dict(dest=dest_prefix + f.name, default=None,
+                                      help=f"{text} (default: {default!r})".lstrip())
+        if _unwrap(tp) is bool:
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="true|false")
+        else:
+            kwargs.update(type=_flag_parser(tp), metavar=f.name.upper())
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The `# comment` after each field in the dataclass's source: the help text of its flag."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip()
+            for m in re.finditer(r"^\s+(\w+):[^\n#]*#\s*(.+)$", source, re.MULTILINE)}
+
+
+def _unwrap(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _parse_bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _flag_parser(tp: Any):
+    tp = _unwrap(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in (int, float, str):
+        return tp
+    if origin in (list, tuple) and args and args[0] in (int, float, str):
+        inner = args[0]
+
+        def parse_list(value: str) -> list:
+            return [inner(x.strip()) for x in value.split(",") if x.strip()]
+
+        parse_list.__name__ = f"comma-separated {inner.__name__}"  # argparse's error text
+        return parse_list
+
+    def parse_yaml(value: str) -> Any:
+        return yaml.safe_load(value)
+
+    parse_yaml.__name__ = "YAML"
+    return parse_yaml
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass config back to plain YAML/JSON-ready data."""
     if dataclasses.is_dataclass(obj):

@@ -20,21 +20,17 @@ from typing import Any
 from wmdp.config import apply_overrides, from_dict, load_yaml
 from wmdp.errors import WmdpError
 from wmdp.unlearn.loop import UnlearnConfig, run_unlearning, unlearn_model
-from wmdp.unlearn.rmu import PRESETS as RMU_PRESETS
+from wmdp.unlearn.registry import METHODS
 from wmdp.unlearn.rmu import RMU, RMUConfig
-
-METHODS: dict[str, tuple[type, type, dict[str, dict]]] = {
-    "rmu": (RMU, RMUConfig, RMU_PRESETS),
-}
 
 
 def resolve(method: str, *, preset: str | None = None, config_file: str | None = None,
             settings: dict[str, Any] | None = None,
             overrides: list[str] | None = None) -> tuple[Any, Any, UnlearnConfig]:
-    """Preset, then config file, then `settings` (flags), then `key=value` overrides."""
+    """Preset, then config file, then `settings` (flags; None = unset), then `key=value`."""
     if method not in METHODS:
         raise WmdpError(f"unknown unlearning method {method!r} (known: {', '.join(METHODS)})")
-    cls, hp_cls, presets = METHODS[method]
+    cls, hp_cls, presets, _ = METHODS[method]
     data: dict[str, Any] = {method: {}}
     if preset is not None:
         if preset not in presets:
