@@ -165,3 +165,19 @@ def test_rerun_skips_finished_tasks(llama_mistral_tok, tmp_path, monkeypatch):
     res = ev.run_eval(cfg, ["a", "b"], tmp_path / "out", progress=False)
     assert scored == ["b"]
     assert set(res["results"]) == {"a", "b"}
+
+
+def test_fewshot_and_system_prompt_layout():
+    from wmdp.data.mcq import MCQItem
+
+    ex = MCQItem("Which is red?", ("sky", "blood", "grass", "snow"), 1)
+    q = MCQItem(" What is 2+2? ", ("3", "4", "5", "6"), 1)
+    ctx, conts = build_prompt(q, Task("t", "math"), PROMPT_STYLES["lmeval"], fewshot=[ex],
+                              system="You are an expert.")
+    assert ctx == ("You are an expert.\n\nThe following are multiple choice questions (with answers) "
+                   "about math.\n\nWhich is red?\nA. sky\nB. blood\nC. grass\nD. snow\nAnswer: B"
+                   "\n\nWhat is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+    assert conts == [" A", " B", " C", " D"]
+    ctx, conts = build_prompt(q, Task("t", "math", format="cloze"), PROMPT_STYLES["lmeval"], fewshot=[ex])
+    assert ctx.endswith("Question: Which is red?\nAnswer: blood\n\nQuestion: What is 2+2?\nAnswer:")
+    assert conts == [" 3", " 4", " 5", " 6"]

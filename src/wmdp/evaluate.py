@@ -1,6 +1,6 @@
 """Evaluate a causal LM on multiple-choice tasks; write results.json and samples_<task>.jsonl.
 
-    wmdp eval --model HuggingFaceH4/zephyr-7b-beta --tasks wmdp,mmlu --output runs/zephyr
+    wmdp eval --model HuggingFaceH4/zephyr-7b-beta --tasks wmdp,mmlu,ppl_wikitext --output runs/zephyr
 
 In Python, on a model already in memory (what unlearning and the audit call):
 
@@ -10,12 +10,16 @@ In Python, on a model already in memory (what unlearning and the audit call):
 Metrics are lm-eval's: `acc` is the argmax of summed log-likelihoods, `acc_norm` (cloze tasks)
 the argmax after dividing by each choice's length in characters, `acc_stderr` the sample
 standard error of the mean; a group's score is the size-weighted mean of its members, its
-stderr their pooled sample stderr.
+stderr their pooled sample stderr. Perplexity tasks (`ppl_wikitext`, `ppl:<corpus>`) report
+lm-eval's rolling-window `word_perplexity`, `byte_perplexity`, `bits_per_byte` and the
+token-weighted `token_perplexity` (see `wmdp.perplexity`); a group of them pools the summed
+log-likelihoods and counts of its members.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +29,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from wmdp.data.corpus import Corpus
 from wmdp.data.mcq import MCQItem, items_hash
 from wmdp.errors import WmdpError
 from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json, write_json,
                      write_jsonl)
 from wmdp.models import check_model_source, load_model
+from wmdp.perplexity import perplexity_metrics, score_texts
 from wmdp.scoring import Request, loglikelihoods
 from wmdp.tasks import PROMPT_STYLES, PromptStyle, Registry, Task, build_prompt
 
 RESULTS = "results.json"
+PPL_TOTALS = ("loglikelihood", "tokens", "words", "bytes")
+
+
+def samples_filename(task: str) -> str:
+    """`samples_<task>.jsonl`, the name made safe for a file (`ppl:data/x.jsonl` has slashes)."""
+    return f"samples_{re.sub(r'[^A-Za-z0-9_-]', '_', task)}.jsonl"
 
 
 def mean_stderr(values: list[float]) -> float | None:
@@ -62,11 +74,13 @@ def add_special_tokens_for(style: PromptStyle, model: nn.Module) -> bool | None:
 
 def score_task(model: nn.Module, tokenizer: Any, task: Task, items: list[MCQItem],
                style: PromptStyle, batch_size: int | str = "auto",
-               progress: bool = True, stats: dict | None = None) -> tuple[dict, list[dict]]:
+               progress: bool = True, stats: dict | None = None,
+               max_length: int | None = None) -> tuple[dict, list[dict]]:
     """Metrics and per-item samples of one task."""
     requests = [Request(*_prompt(item, task, style)) for item in items]
     lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size,
                          add_special_tokens=add_special_tokens_for(style, model),
+                         max_length=max_length,
                          progress=task.name if progress else False,
                          on_batch_size=(lambda bs: stats.__setitem__("batch_size", bs))
                          if stats is not None else None)
@@ -87,6 +101,17 @@ def score_task(model: nn.Module, tokenizer: Any, task: Task, items: list[MCQItem
         metrics.update(acc_norm=float(np.mean(acc_norm)), acc_norm_stderr=mean_stderr(acc_norm))
     metrics["n"] = len(items)
     return metrics, samples
+
+
+def score_perplexity_task(model: nn.Module, tokenizer: Any, task: Task, texts: list[str],
+                          style: PromptStyle, batch_size: int | str = "auto",
+                          progress: bool = True, stats: dict | None = None,
+                          max_length: int | None = None) -> tuple[dict, list[dict]]:
+    """Metrics and per-text samples of one perplexity task (BOS handling as the prompt style)."""
+    return score_texts(model, tokenizer, texts, batch_size=batch_size,
+                       add_special_tokens=add_special_tokens_for(style, model),
+                       max_length=max_length, progress=task.name if progress else False,
+                       stats=stats)
 
 
 def _prompt(item: MCQItem, task: Task, style: PromptStyle) -> tuple[str, tuple[str, ...]]:
@@ -110,6 +135,10 @@ def aggregate_groups(results: dict[str, dict], groups: dict[str, list[str]]) -> 
                     g[metric] = sum(m[metric] * n for m, n in zip(members, sizes)) / sum(sizes)
                     g[f"{metric}_stderr"] = pooled_stderr(
                         [m[f"{metric}_stderr"] for m in members], sizes)
+            if all(m.get("kind") == "perplexity" for m in members):  # pool the corpus totals
+                totals = {k: sum(m[k] for m in members) for k in PPL_TOTALS}
+                g.update(perplexity_metrics(*(totals[k] for k in PPL_TOTALS)), **totals,
+                         kind="perplexity")
             g["n"] = sum(sizes)
             g["members"] = list(groups[name])
             out[name] = g
@@ -130,6 +159,7 @@ class EvalConfig:
     device: str = "auto"
     device_map: str | None = None
     batch_size: int | str = "auto"
+    max_length: int | None = None   # context length; None: the model's (lm-eval's default)
     prompt_style: str = "lmeval"
     format: str | None = None       # force every task to "letter" or "cloze"
     limit: int | None = None
@@ -141,7 +171,7 @@ class EvalConfig:
     def fingerprint(self) -> str:
         """A hash of the settings that change numbers (not batch size: padding cannot)."""
         keys = ("model", "revision", "dtype", "prompt_style", "format", "limit", "data_dir",
-                "task_files")
+                "task_files") + (("max_length",) if self.max_length is not None else ())
         return sha256_json({k: getattr(self, k) for k in keys})
 
 
@@ -174,16 +204,18 @@ def run_record(model: nn.Module, config: EvalConfig, stats: dict) -> dict:
 def evaluate_model(model: nn.Module, tokenizer: Any, tasks: list[str],
                    registry: Registry | None = None, *, config: EvalConfig | None = None,
                    output: Path | None = None, progress: bool = True,
-                   items: dict[str, list[MCQItem]] | None = None) -> dict:
+                   items: dict[str, list[MCQItem] | Corpus | list[str]] | None = None) -> dict:
     """Score `tasks` (names or groups); with `output`, write files and resume finished tasks.
 
-    `items` holds question sets already loaded (by task name); others are loaded here. Without
-    `output`, the returned dict also holds the per-item samples under "samples".
+    `items` holds data already loaded (by task name): question sets, or for perplexity tasks a
+    Corpus or a list of texts; others are loaded here. Without `output`, the returned dict also
+    holds the per-item samples under "samples".
     """
     config = config or EvalConfig()
     registry = registry or Registry.build(config.data_dir, config.task_files, config.format)
     style = _style(config.prompt_style)
     names = registry.expand(tasks)
+    _check_distinct_files(names)
     previous = read_json(output / RESULTS) if output and (output / RESULTS).is_file() else {}
     results: dict[str, dict] = {}
     sources: dict[str, dict] = {}
@@ -191,21 +223,18 @@ def evaluate_model(model: nn.Module, tokenizer: Any, tasks: list[str],
     stats: dict = {}
     for name in names:
         done = previous.get("results", {}).get(name)
-        if done is not None and output is not None and (output / f"samples_{name}.jsonl").is_file():
+        if done is not None and output is not None and (output / samples_filename(name)).is_file():
             results[name], sources[name] = done, previous["sources"][name]
             continue
         task = registry.tasks[name]
-        task_items = (items or {}).get(name) or task.load_items()
-        task_items = task_items[:config.limit] if config.limit is not None else task_items
+        data = (items or {}).get(name) or task.load()
         t0 = time.perf_counter()
-        metrics, samples[name] = score_task(model, tokenizer, task, task_items, style,
-                                            config.batch_size, progress, stats)
-        results[name] = {**metrics, "format": task.format,
-                         "seconds": round(time.perf_counter() - t0, 3)}
-        sources[name] = {"source": task.source, "sha256": items_hash(task_items),
-                         "n": len(task_items)}
+        score = _score_corpus if task.kind == "perplexity" else _score_questions
+        results[name], samples[name], sources[name] = score(model, tokenizer, task, data, style,
+                                                            config, progress, stats)
+        results[name]["seconds"] = round(time.perf_counter() - t0, 3)
         if output is not None:  # each task lands on disk as it finishes: a rerun resumes
-            write_jsonl(output / f"samples_{name}.jsonl", samples.pop(name))
+            write_jsonl(output / samples_filename(name), samples.pop(name))
             write_json(output / RESULTS, _summary(results, sources, registry, model, config, stats))
     summary = _summary(results, sources, registry, model, config, stats)
     if output is not None:
@@ -213,6 +242,40 @@ def evaluate_model(model: nn.Module, tokenizer: Any, tasks: list[str],
     else:
         summary["samples"] = samples
     return summary
+
+
+def _score_questions(model: nn.Module, tokenizer: Any, task: Task, items: list[MCQItem],
+                     style: PromptStyle, config: EvalConfig, progress: bool,
+                     stats: dict) -> tuple[dict, list[dict], dict]:
+    """An MCQ task's results entry, samples and source record."""
+    items = items[:config.limit] if config.limit is not None else items
+    metrics, samples = score_task(model, tokenizer, task, items, style, config.batch_size,
+                                  progress, stats, max_length=config.max_length)
+    return ({**metrics, "format": task.format}, samples,
+            {"source": task.source, "sha256": items_hash(items), "n": len(items)})
+
+
+def _score_corpus(model: nn.Module, tokenizer: Any, task: Task, data: Corpus | list[str],
+                  style: PromptStyle, config: EvalConfig, progress: bool,
+                  stats: dict) -> tuple[dict, list[dict], dict]:
+    """A perplexity task's results entry, samples and source record."""
+    corpus = data if isinstance(data, Corpus) else Corpus(task.name, list(data), "<in-memory>")
+    if config.limit is not None:
+        corpus = Corpus(corpus.name, corpus.texts[:config.limit], corpus.source)
+    metrics, samples = score_perplexity_task(model, tokenizer, task, corpus.texts, style,
+                                             config.batch_size, progress, stats,
+                                             max_length=config.max_length)
+    return ({**metrics, "kind": "perplexity"}, samples,
+            {"source": corpus.source, "sha256": corpus.sha256, "n": len(corpus.texts)})
+
+
+def _check_distinct_files(names: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(samples_filename(name), name)
+        if other != name:
+            raise WmdpError(f"tasks {other!r} and {name!r} would share the samples file "
+                            f"{samples_filename(name)}; rename one")
 
 
 def _summary(results: dict, sources: dict, registry: Registry, model: nn.Module,
@@ -231,7 +294,7 @@ def run_eval(config: EvalConfig, tasks: list[str], output: str | Path,
     out = prepare_output_dir(output, overwrite, RESULTS, config.fingerprint())
     # bad task names and bad data fail before the (possibly large) model loads
     done = read_json(out / RESULTS).get("results", {}) if (out / RESULTS).is_file() else {}
-    items = {n: registry.tasks[n].load_items() for n in registry.expand(tasks) if n not in done}
+    items = {n: registry.tasks[n].load() for n in registry.expand(tasks) if n not in done}
     model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
                                   device=config.device, device_map=config.device_map,
                                   trust_remote_code=config.trust_remote_code)
@@ -239,27 +302,34 @@ def run_eval(config: EvalConfig, tasks: list[str], output: str | Path,
                           progress=progress, items=items)
 
 
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+
 def format_table(results: dict) -> str:
-    """A markdown table of every task and group."""
+    """Markdown tables of every task and group: accuracy (MCQ), then perplexity."""
+    rows = [(n, r) for part in ("groups", "results") for n, r in results[part].items()]
     lines = ["| task | n | acc | ± stderr | acc_norm |", "|---|---:|---:|---:|---:|"]
-
-    def row(name: str, r: dict, indent: str = "") -> str:
-        se = r.get("acc_stderr")
-        norm = r.get("acc_norm")
-        return (f"| {indent}{name} | {r['n']} | {r['acc']:.4f} | "
-                f"{'' if se is None else f'{se:.4f}'} | {'' if norm is None else f'{norm:.4f}'} |")
-
-    for name, r in results["groups"].items():
-        lines.append(row(name, r))
-    for name, r in results["results"].items():
-        lines.append(row(name, r))
-    return "\n".join(lines)
-
-
-def results_summary(results: dict) -> dict[str, float]:
-    """{task or group: acc}: the flat view reports and comparisons use."""
-    return {n: r["acc"] for part in ("groups", "results") for n, r in results[part].items()}
+    lines += [f"| {n} | {r['n']} | {r['acc']:.4f} | {_num(r.get('acc_stderr'))} | "
+              f"{_num(r.get('acc_norm'))} |" for n, r in rows if "acc" in r]
+    ppl = [(n, r) for n, r in rows if r.get("kind") == "perplexity"]
+    if not ppl:
+        return "\n".join(lines)
+    table = ["| task | n | tokens | word_perplexity | byte_perplexity | bits_per_byte | "
+             "token_perplexity |", "|---|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| {n} | {r['n']} | {r['tokens']} | {_num(r['word_perplexity'])} | "
+              f"{_num(r['byte_perplexity'])} | {_num(r['bits_per_byte'])} | "
+              f"{_num(r['token_perplexity'])} |" for n, r in ppl]
+    return "\n".join(table if len(lines) == 2 else lines + [""] + table)
 
 
-__all__ = ["EvalConfig", "evaluate_model", "run_eval", "score_task", "aggregate_groups",
+def results_summary(results: dict, metric: str = "acc") -> dict[str, float]:
+    """{task or group: metric} for those that report it: the flat view reports and comparisons
+    use (`acc`, or e.g. `word_perplexity` for perplexity tasks)."""
+    return {n: r[metric] for part in ("groups", "results") for n, r in results[part].items()
+            if metric in r}
+
+
+__all__ = ["EvalConfig", "evaluate_model", "run_eval", "score_task", "score_perplexity_task",
+           "samples_filename", "aggregate_groups",
            "mean_stderr", "pooled_stderr", "format_table", "results_summary"]

@@ -14,6 +14,13 @@ Names follow lm-eval: `wmdp`, `wmdp_bio`, `wmdp_cyber`, `wmdp_chem`, `mmlu`, `mm
     {"tasks": {"sandbox_bio": {"file": "sandbox_bio.jsonl", "topic": "biology",
                                "format": "cloze"}},
      "groups": {"sandbox_forget": ["sandbox_bio", "sandbox_cyber"]}}
+
+Perplexity tasks (kind `perplexity`, scored by `wmdp.perplexity`) read a text corpus instead:
+`ppl_wikitext` (wikitext-2-raw-v1 test, the paper's retain text, one text per line),
+`ppl:<corpus spec>` for any corpus `wmdp.data.corpus.load_corpus` reads (a `.jsonl` with a
+`text` field, a `.txt`, `wikitext`, a hub dataset `org/name:config@split`), `--task
+ppl_<name>=FILE`, or a manifest entry `{"file": "retain.jsonl", "kind": "perplexity"}` (or
+`{"corpus": "org/name:config", "kind": "perplexity"}`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
+from wmdp.data.corpus import Corpus, load_corpus
 from wmdp.data.mcq import FORMATS, LETTERS, MCQItem, load_hub_mcq, load_mcq_file
 from wmdp.errors import WmdpError
 
@@ -48,6 +57,9 @@ MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
 MMLU_SUBJECTS = tuple(sorted(s for subs in MMLU_CATEGORIES.values() for s in subs))
 WMDP_TOPICS = {"bio": "biology", "chem": "chemistry", "cyber": "cybersecurity"}
 TASK_FORMATS = ("letter", "cloze")
+TASK_KINDS = ("mcq", "perplexity")
+PPL_PREFIX = "ppl:"           # `ppl:<corpus spec>` names a perplexity task on that corpus
+CORPUS_SUFFIXES = (".jsonl", ".txt")
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,15 @@ class Task:
     format: str = "letter"
     description: str | None = None  # overrides the one built from `topic` ("" for none)
     cloze_template: str = "Question: {question}\nAnswer:"
+    kind: str = "mcq"               # "mcq" or "perplexity"
+    corpus: str | None = None       # perplexity: a corpus spec, where `path` is not given
 
     @property
     def source(self) -> str:
         if self.path is not None:
             return str(self.path)
+        if self.corpus is not None:
+            return f"corpus:{self.corpus}"
         assert self.hub is not None
         dataset, config, split = self.hub
         return f"hub:{dataset}" + (f"/{config}" if config else "") + f" [{split}]"
@@ -90,9 +106,27 @@ class Task:
             raise WmdpError(f"task {self.name}: no data source (give --data-dir or --task)")
         return load_hub_mcq(*self.hub)
 
+    def load_texts(self) -> Corpus:
+        """A perplexity task's corpus (every non-empty text)."""
+        if self.path is not None and not self.path.is_file():
+            raise WmdpError(f"{self.path}: corpus file not found (task {self.name})")
+        spec = self.path if self.path is not None else self.corpus
+        if spec is None:
+            raise WmdpError(f"task {self.name}: no corpus (give --data-dir or --task)")
+        return load_corpus(spec)
 
-def build_prompt(item: MCQItem, task: Task, style: PromptStyle) -> tuple[str, list[str]]:
-    """The context and the four continuations lm-eval scores for one question."""
+    def load(self) -> list[MCQItem] | Corpus:
+        return self.load_texts() if self.kind == "perplexity" else self.load_items()
+
+
+def build_prompt(item: MCQItem, task: Task, style: PromptStyle, fewshot: Sequence[MCQItem] = (),
+                 system: str | None = None) -> tuple[str, list[str]]:
+    """The context and the four continuations lm-eval scores for one question.
+
+    `fewshot`: solved examples placed before the question, lm-eval's way (each example's text,
+    its answer after a space, examples separated by a blank line). `system`: an instruction
+    placed before the description, as lm-eval's `--system_instruction` is without a chat template.
+    """
     end = "\n\n" if style.blank_line else "\n"
     if task.description is not None:
         description = task.description
@@ -100,11 +134,24 @@ def build_prompt(item: MCQItem, task: Task, style: PromptStyle) -> tuple[str, li
         description = f"The following are multiple choice questions (with answers) about {task.topic}.{end}"
     else:
         description = f"The following are questions (with answers) about {task.topic}.{end}"
+    if system:
+        description = system + ("" if system[-1].isspace() or not description or
+                                description[0].isspace() else "\n\n") + description
+    shots = "".join(f"{_doc_text(ex, task)}{_answer_text(ex, task)}\n\n" for ex in fewshot)
+    continuations = ([f" {x}" for x in LETTERS] if task.format == "letter"
+                     else [f" {c}" for c in item.choices])
+    return description + shots + _doc_text(item, task), continuations
+
+
+def _doc_text(item: MCQItem, task: Task) -> str:
     if task.format == "letter":
         options = "".join(f"\n{letter}. {c}" for letter, c in zip(LETTERS, item.choices))
-        return f"{description}{item.question.strip()}{options}\nAnswer:", [f" {x}" for x in LETTERS]
-    context = description + task.cloze_template.format(question=item.question.strip())
-    return context, [f" {c}" for c in item.choices]
+        return f"{item.question.strip()}{options}\nAnswer:"
+    return task.cloze_template.format(question=item.question.strip())
+
+
+def _answer_text(item: MCQItem, task: Task) -> str:
+    return f" {LETTERS[item.answer]}" if task.format == "letter" else f" {item.choices[item.answer]}"
 
 
 def builtin_tasks() -> dict[str, Task]:
@@ -112,6 +159,7 @@ def builtin_tasks() -> dict[str, Task]:
              for k, topic in WMDP_TOPICS.items()}
     for s in MMLU_SUBJECTS:
         tasks[f"mmlu_{s}"] = Task(f"mmlu_{s}", s.replace("_", " "), hub=("cais/mmlu", s, "test"))
+    tasks["ppl_wikitext"] = Task("ppl_wikitext", "wikitext", kind="perplexity", corpus="wikitext")
     return tasks
 
 
@@ -141,7 +189,8 @@ class Registry:
         if fmt is not None:
             if fmt not in TASK_FORMATS:
                 raise WmdpError(f"format {fmt!r} is not one of {', '.join(TASK_FORMATS)}")
-            reg.tasks = {n: replace(t, format=fmt) for n, t in reg.tasks.items()}
+            reg.tasks = {n: replace(t, format=fmt) if t.kind == "mcq" else t
+                         for n, t in reg.tasks.items()}
         return reg
 
     def add_file(self, name: str, path: Path) -> None:
@@ -150,7 +199,9 @@ class Registry:
         if name in self.groups:
             raise WmdpError(f"--task {name}={path}: {name} is a group; name one task")
         if name in self.tasks:
-            self.tasks[name] = replace(self.tasks[name], path=path, hub=None)
+            self.tasks[name] = replace(self.tasks[name], path=path, hub=None, corpus=None)
+        elif name.startswith("ppl_"):  # a corpus to score by perplexity
+            self.tasks[name] = Task(name, name[len("ppl_"):], path=path, kind="perplexity")
         else:
             self.tasks[name] = Task(name, name.replace("_", " "), path=path)
 
@@ -161,20 +212,30 @@ class Registry:
         if manifest.is_file():
             self._add_manifest(manifest)
         for name, task in list(self.tasks.items()):
-            if task.path is None and (found := _find_local(data_dir, name)) is not None:
-                self.tasks[name] = replace(task, path=found, hub=None)
+            if task.path is None and (found := _find_local(data_dir, name, task.kind)) is not None:
+                self.tasks[name] = replace(task, path=found, hub=None, corpus=None)
 
     def _add_manifest(self, manifest: Path) -> None:
         try:
             spec = json.loads(manifest.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise WmdpError(f"{manifest} line {e.lineno}: invalid JSON ({e.msg})") from None
-        allowed = {"file", "topic", "format", "description", "cloze_template"}
+        allowed = {"file", "topic", "format", "description", "cloze_template", "kind", "corpus"}
         for name, t in spec.get("tasks", {}).items():
+            where = f'{manifest}: task "{name}"'
             unknown = set(t) - allowed
-            if unknown or "file" not in t:
-                raise WmdpError(f'{manifest}: task "{name}": ' + (
-                    f"unknown field {sorted(unknown)[0]!r}" if unknown else 'field "file" is missing'))
+            if unknown:
+                raise WmdpError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+            kind = t.get("kind", "mcq")
+            if kind not in TASK_KINDS:
+                raise WmdpError(f'{where}: field "kind" is {kind!r}, expected one of '
+                                f"{', '.join(TASK_KINDS)}")
+            if kind == "perplexity":
+                self.tasks[name] = _manifest_corpus_task(name, t, manifest.parent, where)
+                continue
+            if "corpus" in t or "file" not in t:
+                raise WmdpError(f"{where}: " + ('field "corpus" is for kind "perplexity"'
+                                                if "corpus" in t else 'field "file" is missing'))
             fmt = t.get("format", "letter")
             if fmt not in TASK_FORMATS:
                 raise WmdpError(f'{manifest}: task "{name}": field "format" is {fmt!r}, '
@@ -191,6 +252,12 @@ class Registry:
         """Task and group names to the ordered, de-duplicated list of tasks to run."""
         out: list[str] = []
         for name in names:
+            if name.startswith(PPL_PREFIX) and name not in self.tasks:
+                spec = name[len(PPL_PREFIX):]
+                if not spec:
+                    raise WmdpError(f"task {name!r}: name a corpus after 'ppl:' "
+                                    "(a .jsonl/.txt file, wikitext, or org/name:config@split)")
+                self.tasks[name] = Task(name, spec, kind="perplexity", corpus=spec)
             for t in self._leaves(name):
                 if t not in out:
                     out.append(t)
@@ -202,7 +269,8 @@ class Registry:
         if name in self.tasks:
             return [name]
         raise WmdpError(f"unknown task {name!r} (tasks: wmdp, wmdp_bio, wmdp_cyber, wmdp_chem, "
-                        "mmlu, mmlu_<subject>, a data dir's tasks.json, or --task NAME=PATH)")
+                        "mmlu, mmlu_<subject>, ppl_wikitext, ppl:<corpus>, a data dir's "
+                        "tasks.json, or --task NAME=PATH)")
 
     def groups_of(self, tasks: list[str]) -> dict[str, list[str]]:
         """Groups whose every leaf was run, with their direct members (for aggregation)."""
@@ -211,9 +279,26 @@ class Registry:
                 if all(t in done for t in self._leaves(g))}
 
 
-def _find_local(data_dir: Path, name: str) -> Path | None:
+def _manifest_corpus_task(name: str, t: dict, root: Path, where: str) -> Task:
+    """A manifest's perplexity task: a `file` beside the manifest or any `corpus` spec."""
+    if ("file" in t) == ("corpus" in t):
+        raise WmdpError(f'{where}: give one of field "file" or field "corpus"')
+    extra = sorted(set(t) & {"format", "description", "cloze_template"})
+    if extra:
+        raise WmdpError(f'{where}: field "{extra[0]}" does not apply to kind "perplexity"')
+    topic = t.get("topic", name.replace("_", " "))
+    if "file" in t:
+        return Task(name, topic, path=root / t["file"], kind="perplexity")
+    return Task(name, topic, kind="perplexity", corpus=str(t["corpus"]))
+
+
+def _find_local(data_dir: Path, name: str, kind: str = "mcq") -> Path | None:
     """A local file for a built-in task: `wmdp_bio.jsonl`, `wmdp-bio.csv`, MMLU's
-    `<subject>_test.csv` (also under `test/`), `mmlu_<subject>.parquet`, ..."""
+    `<subject>_test.csv` (also under `test/`), `mmlu_<subject>.parquet`, ...; for a
+    perplexity task `<name>.jsonl` or `<name>.txt`."""
+    if kind == "perplexity":
+        found = [data_dir / f"{name}{ext}" for ext in CORPUS_SUFFIXES]
+        return next((p for p in found if p.is_file()), None)
     stems = [name, name.replace("_", "-")]
     if name.startswith("mmlu_"):
         subject = name[len("mmlu_"):]
