@@ -1,0 +1,298 @@
+"""`wmdp run`: from a model to an unlearned model and a report, in stages that resume.
+
+    wmdp run                                   # the embedded default: the offline sandbox
+    wmdp run configs/zephyr-7b-rmu.yaml        # the paper's zephyr run, on a GPU
+
+Stages, each writing its own directory of the run:
+
+    sandbox         the fictional world and its tiny model (built once, cached across runs)
+    eval_base       the base model on every task                       eval_base/results.json
+    unlearn         the unlearning method                              unlearned/ (a HF model)
+    eval_unlearned  the unlearned model on every task                  eval_unlearned/results.json
+    audit           can the knowledge be recovered? (when configured)  audit/audit.json
+    chat            judged chat, base and unlearned (when configured)  chat_*/chat_results.json
+    report          report.md, report.html, plots/, unlearned/README.md (the model card)
+
+`run.json` records the resolved configuration, its fingerprint and library versions;
+`stages.json` which stages finished and how long they took. A rerun skips finished stages and
+resumes an interrupted one where it stopped (evaluation per task, unlearning from its last
+checkpoint, the sandbox from its last epoch, the audit per attack).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from wmdp.config import load_config, to_dict
+from wmdp.errors import WmdpError
+from wmdp.io import library_versions, prepare_output_dir, read_json, sha256_json, write_json
+
+RUN_RECORD = "run.json"
+STAGES = "stages.json"
+
+
+@dataclass
+class SandboxSection:
+    preset: str = "default"           # "default" (750 facts, ~5 min) or "small" (~1.5 min)
+    seed: int = 0                     # the world's and the training seed
+    cache_dir: str | None = None      # where builds are kept; default ~/.cache/wmdp/sandbox
+    overrides: list[str] = field(default_factory=list)  # key=value settings over the preset
+
+
+@dataclass
+class EvalSection:
+    tasks: list[str] = field(default_factory=lambda: ["wmdp", "mmlu", "ppl_wikitext"])
+    forget: list[str] = field(default_factory=lambda: ["wmdp_bio", "wmdp_cyber", "wmdp_chem"])
+    near: list[str] = field(default_factory=lambda: [
+        "mmlu_college_biology", "mmlu_virology", "mmlu_college_computer_science",
+        "mmlu_computer_security"])    # related subjects: collateral damage shows here first
+    main: list[str] = field(default_factory=list)  # main table columns; default forget + groups
+    data_dir: str | None = None       # local task files (a sandbox run uses the sandbox's)
+    task_files: dict[str, str] = field(default_factory=dict)  # NAME: PATH
+    batch_size: str = "auto"
+    prompt_style: str = "lmeval"
+    format: str | None = None
+    limit: int | None = None
+
+
+@dataclass
+class UnlearnSection:
+    method: str = "rmu"
+    preset: str | None = None         # the method's preset, e.g. zephyr-7b or sandbox
+    settings: dict[str, Any] = field(default_factory=dict)  # shared keys and a METHOD: section
+
+
+@dataclass
+class AuditSection:
+    attacks: list[str] = field(default_factory=lambda: ["probe", "relearn", "gcg", "fewshot",
+                                                        "activations"])
+    tasks: list[str] = field(default_factory=list)  # default: the eval section's forget tasks
+    settings: dict[str, Any] = field(default_factory=dict)  # the audit's own configuration
+
+
+@dataclass
+class ChatSection:
+    settings: dict[str, Any] = field(default_factory=dict)  # chat-eval settings (judge, ...)
+
+
+@dataclass
+class RunConfig:
+    output: str = "runs/sandbox"      # the run directory
+    model: str | None = None          # hub id or directory; a sandbox run uses the sandbox's
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    sandbox: SandboxSection | None = None
+    eval: EvalSection = field(default_factory=EvalSection)
+    unlearn: UnlearnSection = field(default_factory=UnlearnSection)
+    audit: AuditSection | None = None
+    chat: ChatSection | None = None
+
+
+# The embedded default (configs/sandbox.yaml holds the same): the offline sandbox, end to end.
+SANDBOX_TASKS = ["sandbox_forget", "sandbox_general", "sandbox_forget_seen",
+                 "sandbox_general_seen", "sandbox_letter", "ppl_retain"]
+DEFAULT: dict[str, Any] = {
+    "output": "runs/sandbox",
+    "sandbox": {"preset": "default", "seed": 0},
+    "eval": {"tasks": SANDBOX_TASKS,
+             "forget": ["sandbox_bio", "sandbox_cyber", "sandbox_forget", "sandbox_bio_seen",
+                        "sandbox_cyber_seen", "sandbox_forget_seen", "sandbox_bio_letter",
+                        "sandbox_cyber_letter", "sandbox_forget_letter"],
+             "near": ["sandbox_botany", "sandbox_software"],
+             "main": ["sandbox_bio", "sandbox_cyber", "sandbox_forget_seen", "sandbox_general",
+                      "sandbox_general_seen", "sandbox_letter"],
+             "batch_size": "16"},
+    "unlearn": {"method": "rmu", "preset": "sandbox"},
+    "audit": {},
+}
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A config file (or the embedded sandbox default), then `key=value` overrides."""
+    if path is None:
+        return load_config(RunConfig, None, overrides, base=DEFAULT)
+    return load_config(RunConfig, path, overrides)
+
+
+def _cache_dir(section: SandboxSection) -> Path:
+    if section.cache_dir:
+        return Path(section.cache_dir).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "wmdp" / "sandbox"
+
+
+class Pipeline:
+    """The stages of one run over one run directory."""
+
+    def __init__(self, config: RunConfig, overwrite: bool = False, progress: bool = True) -> None:
+        self.config, self.progress = config, progress
+        keep = to_dict(config)
+        keep.pop("device", None)
+        keep.pop("device_map", None)
+        self.fingerprint = sha256_json(keep)
+        self.dir = prepare_output_dir(config.output, overwrite, RUN_RECORD, self.fingerprint)
+        write_json(self.dir / RUN_RECORD, {"fingerprint": self.fingerprint, "config": to_dict(config),
+                                           "versions": library_versions()})
+        self.sandbox_dir: Path | None = None
+        if config.sandbox is not None:
+            from wmdp.sandbox.build import fingerprint, sandbox_config
+
+            s = config.sandbox
+            self.sandbox_cfg = sandbox_config(s.preset, s.seed, None, s.overrides)
+            self.sandbox_dir = _cache_dir(s) / f"{s.preset}-seed{s.seed}-{fingerprint(self.sandbox_cfg)[:10]}"
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def done(self) -> dict[str, Any]:
+        path = self.dir / STAGES
+        return read_json(path) if path.is_file() else {}
+
+    def _mark(self, stage: str, seconds: float) -> None:
+        done = self.done()
+        done[stage] = {"seconds": round(seconds, 1)}
+        write_json(self.dir / STAGES, done)
+
+    def stages(self) -> list[tuple[str, Callable[[], None]]]:
+        c = self.config
+        out = []
+        if c.sandbox is not None:
+            out.append(("sandbox", self.build_sandbox))
+        out += [("eval_base", lambda: self.evaluate(self.base_model(), "eval_base")),
+                ("unlearn", self.unlearn),
+                ("eval_unlearned", lambda: self.evaluate(str(self.dir / "unlearned"), "eval_unlearned"))]
+        if c.audit is not None:
+            out.append(("audit", self.audit))
+        if c.chat is not None:
+            out.append(("chat", self.chat))
+        out.append(("report", self.report))
+        return out
+
+    def run(self, stop_after: str | None = None) -> dict:
+        for name, stage in self.stages():
+            if name in self.done():
+                print(f"wmdp: stage {name}: done, skipped")
+                continue
+            print(f"wmdp: stage {name} ...")
+            t0 = time.perf_counter()
+            stage()
+            self._mark(name, time.perf_counter() - t0)
+            if name == stop_after:
+                break
+        return self.done()
+
+    # -- the stages ------------------------------------------------------------------------
+    def base_model(self) -> str:
+        if self.config.model:
+            return self.config.model
+        if self.sandbox_dir is not None:
+            return str(self.sandbox_dir / "model")
+        raise WmdpError("no model given (set `model:` in the config, or a `sandbox:` section)")
+
+    def data_dir(self) -> str | None:
+        if self.config.eval.data_dir:
+            return self.config.eval.data_dir
+        return str(self.sandbox_dir / "data") if self.sandbox_dir is not None else None
+
+    def build_sandbox(self) -> None:
+        from wmdp.sandbox.build import build_sandbox
+
+        build_sandbox(self.sandbox_dir, self.sandbox_cfg, progress=self.progress)
+
+    def _task_files(self) -> dict[str, str]:
+        files = dict(self.config.eval.task_files)
+        if self.sandbox_dir is not None and "ppl_retain" in self.config.eval.tasks:
+            files.setdefault("ppl_retain", str(self.sandbox_dir / "data" / "retain.jsonl"))
+        return files
+
+    def evaluate(self, model: str, stage: str) -> None:
+        from wmdp.evaluate import EvalConfig, run_eval
+
+        c, e = self.config, self.config.eval
+        config = EvalConfig(model=model, revision=c.revision if stage == "eval_base" else None,
+                            dtype=c.dtype, device=c.device, device_map=c.device_map,
+                            batch_size=e.batch_size, prompt_style=e.prompt_style, format=e.format,
+                            limit=e.limit, data_dir=self.data_dir(), task_files=self._task_files(),
+                            trust_remote_code=c.trust_remote_code)
+        run_eval(config, e.tasks, self.dir / stage, progress=self.progress)
+
+    def unlearn_settings(self) -> tuple[Any, Any, Any]:
+        from wmdp.unlearn import resolve
+
+        c, u = self.config, self.config.unlearn
+        settings = dict(u.settings)
+        method_section = settings.pop(u.method, None)
+        flags = {"model": self.base_model(), "output": str(self.dir / "unlearned"),
+                 "revision": c.revision, "dtype": c.dtype, "device": c.device,
+                 "device_map": c.device_map, "trust_remote_code": c.trust_remote_code}
+        if self.sandbox_dir is not None:
+            data = self.sandbox_dir / "data"
+            flags["forget_corpora"] = [str(data / "forget_bio.jsonl"), str(data / "forget_cyber.jsonl")]
+            flags["retain_corpora"] = [str(data / "retain.jsonl")] * 2
+        flags.update(settings)  # the config's own corpora and settings win
+        for key, value in (method_section or {}).items():
+            flags[f"{u.method}.{key}"] = value
+        return resolve(u.method, preset=u.preset, settings=flags)
+
+    def unlearn(self) -> None:
+        from wmdp.unlearn import run_unlearning
+
+        method, hparams, config = self.unlearn_settings()
+        run_unlearning(method, hparams, config, progress=self.progress)
+
+    def audit(self) -> None:
+        from wmdp.audit.run import audit_config, run_audit  # the audit module (issue 6)
+
+        a, e = self.config.audit, self.config.eval
+        settings = {"model": str(self.dir / "unlearned"), "base": self.base_model(),
+                    "tasks": a.tasks or [t for t in e.forget if t in self._leaf_tasks()],
+                    "attacks": a.attacks, "output": str(self.dir / "audit"),
+                    "data_dir": self.data_dir(), "dtype": self.config.dtype,
+                    "device": self.config.device, **a.settings}
+        if self.sandbox_dir is not None:
+            settings.setdefault("forget_corpora", self.unlearn_settings()[2].forget_corpora)
+            settings.setdefault("retain_corpora", self.unlearn_settings()[2].retain_corpora)
+        run_audit(audit_config(settings), progress=self.progress)
+
+    def _leaf_tasks(self) -> set[str]:
+        from wmdp.tasks import Registry
+
+        reg = Registry.build(self.data_dir(), self._task_files(), self.config.eval.format)
+        return set(reg.expand(self.config.eval.tasks))
+
+    def chat(self) -> None:
+        from wmdp.chat.run import chat_config, run_chat_eval
+
+        for label, model in (("base", self.base_model()), ("unlearned", str(self.dir / "unlearned"))):
+            cfg = chat_config({**self.config.chat.settings, "model": model,
+                               "dtype": self.config.dtype, "device": self.config.device})
+            run_chat_eval(cfg, self.dir / f"chat_{label}", progress=self.progress)
+
+    def report(self) -> None:
+        from wmdp.report import write_report
+
+        e = self.config.eval
+        write_report(self.dir, forget=e.forget, near=e.near, main=e.main)
+
+
+def run_pipeline(config: RunConfig, overwrite: bool = False, progress: bool = True,
+                 stop_after: str | None = None) -> Path:
+    pipe = Pipeline(config, overwrite, progress)
+    pipe.run(stop_after)
+    return pipe.dir
+
+
+def main_table(run_dir: Path) -> str:
+    """The report's main table, for the terminal."""
+    text = (Path(run_dir) / "report.md").read_text()
+    start = text.index("## Main results")
+    end = text.index("\n## ", start + 3)
+    return text[start:end].strip()
+
+
+__all__ = ["RunConfig", "Pipeline", "run_pipeline", "load_run_config", "DEFAULT", "main_table"]

@@ -1,0 +1,181 @@
+"""`wmdp sweep`: a hyperparameter grid, forget accuracy against general accuracy, a Pareto
+front, and the selected point, the way the paper tuned RMU.
+
+    wmdp sweep configs/sandbox.yaml --grid steering_coeff=1,3,10 alpha=10,100 --output runs/sweep
+
+Grid keys are the method's hyperparameters (`steering_coeff` stands for a one-element
+`steering_coeffs`; sweeping `layer_id` alone also moves `layer_ids` to the three blocks ending
+there, as the paper's grid did). The base model is evaluated once; each point is a run of its
+own under `points/` (unlearn, evaluate, report), so an interrupted sweep resumes point by point.
+The selected point has the lowest forget accuracy among those whose general accuracy fell by at
+most `max_general_drop` (absolute accuracy) from the base model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wmdp.config import to_dict
+from wmdp.errors import WmdpError
+from wmdp.io import atomic_write_text, prepare_output_dir, read_json, sha256_json, write_json
+from wmdp.pipeline import STAGES, Pipeline, RunConfig
+
+SWEEP = "sweep.json"
+ALIASES = {"steering_coeff": "steering_coeffs"}
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """`key=v1,v2` strings to {key: [values]} (values parsed as YAML scalars)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise WmdpError(f"--grid {item!r} is not of the form key=v1,v2,...")
+        grid[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+    return grid
+
+
+def point_settings(method: str, point: dict[str, Any]) -> dict[str, Any]:
+    """A grid point to the method's hyperparameter settings."""
+    out: dict[str, Any] = {}
+    for key, value in point.items():
+        name = ALIASES.get(key, key)
+        out[name] = [value] if name != key else value
+    if "layer_id" in point and "layer_ids" not in point:
+        out["layer_ids"] = list(range(max(0, point["layer_id"] - 2), point["layer_id"] + 1))
+    return out
+
+
+def slug(point: dict[str, Any]) -> str:
+    return "_".join(f"{k}={v}" for k, v in point.items()).replace("/", "-")
+
+
+def score(results: dict, name: str) -> float:
+    r = results.get("groups", {}).get(name) or results.get("results", {}).get(name)
+    if r is None or "acc" not in r:
+        raise WmdpError(f"sweep metric {name!r} is not in the evaluation (tasks and groups: "
+                        f"{', '.join(list(results.get('groups', {})) + list(results.get('results', {})))})")
+    return float(r["acc"])
+
+
+def pareto_front(points: list[dict]) -> list[int]:
+    """Indices of points no other point beats on both forget (lower) and general (higher)."""
+    front = []
+    for i, p in enumerate(points):
+        dominated = any(q["forget"] <= p["forget"] and q["general"] >= p["general"]
+                        and (q["forget"] < p["forget"] or q["general"] > p["general"])
+                        for j, q in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i]["forget"])
+
+
+def select(points: list[dict], base_general: float, max_general_drop: float) -> int | None:
+    """Lowest forget accuracy among points within the general-accuracy bound (ties: higher
+    general accuracy)."""
+    ok = [i for i, p in enumerate(points) if base_general - p["general"] <= max_general_drop + 1e-12]
+    if not ok:
+        return None
+    return min(ok, key=lambda i: (points[i]["forget"], -points[i]["general"]))
+
+
+def run_sweep(config: RunConfig, grid: dict[str, list[Any]], output: str | Path, *,
+              forget_metric: str, general_metric: str, max_general_drop: float = 0.05,
+              overwrite: bool = False, progress: bool = True) -> dict:
+    if not grid:
+        raise WmdpError("--grid names no hyperparameter")
+    method = config.unlearn.method
+    fingerprint = sha256_json({"config": to_dict(config), "grid": grid})
+    out = prepare_output_dir(output, overwrite, SWEEP, fingerprint)
+    write_json(out / SWEEP, {"fingerprint": fingerprint, "grid": grid, "config": to_dict(config),
+                             "done": False})
+    base_cfg = replace(config, output=str(out / "base"), audit=None, chat=None)
+    base = Pipeline(base_cfg, progress=progress)
+    base.run(stop_after="eval_base")
+    base_results = read_json(base.dir / "eval_base" / "results.json")
+    points = []
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    for i, point in enumerate(combos, 1):
+        print(f"wmdp: sweep point {i}/{len(combos)}: {slug(point)}")
+        settings = copy.deepcopy(config.unlearn.settings)
+        settings.setdefault(method, {}).update(point_settings(method, point))
+        cfg = replace(config, output=str(out / "points" / slug(point)), audit=None, chat=None,
+                      unlearn=replace(config.unlearn, settings=settings))
+        pipe = Pipeline(cfg, progress=progress)
+        if "eval_base" not in pipe.done():  # the base model is evaluated once for all points
+            shutil.copytree(base.dir / "eval_base", pipe.dir / "eval_base", dirs_exist_ok=True)
+            done = pipe.done()
+            done.update({k: v for k, v in read_json(base.dir / STAGES).items()})
+            write_json(pipe.dir / STAGES, done)
+        pipe.run()
+        res = read_json(pipe.dir / "eval_unlearned" / "results.json")
+        points.append({"point": point, "dir": str(pipe.dir.relative_to(out)),
+                       "forget": score(res, forget_metric), "general": score(res, general_metric)})
+    base_point = {"forget": score(base_results, forget_metric),
+                  "general": score(base_results, general_metric)}
+    front = pareto_front(points)
+    chosen = select(points, base_point["general"], max_general_drop)
+    summary = {"fingerprint": fingerprint, "grid": grid, "config": to_dict(config), "done": True,
+               "forget_metric": forget_metric, "general_metric": general_metric,
+               "max_general_drop": max_general_drop, "base": base_point, "points": points,
+               "pareto_front": front, "selected": chosen}
+    _plot(out / "pareto.png", summary)
+    atomic_write_text(out / "sweep.md", sweep_table(summary))
+    write_json(out / SWEEP, summary)
+    return summary
+
+
+def sweep_table(s: dict) -> str:
+    lines = [f"Forget metric `{s['forget_metric']}`, general metric `{s['general_metric']}`; "
+             f"selected: lowest forget accuracy with a general drop of at most "
+             f"{100 * s['max_general_drop']:.1f} points.", "",
+             "| point | forget acc | general acc | general drop | Pareto | selected |",
+             "|---|---:|---:|---:|:-:|:-:|",
+             f"| base | {100 * s['base']['forget']:.1f} | {100 * s['base']['general']:.1f} | | | |"]
+    for i, p in enumerate(s["points"]):
+        lines.append(f"| {slug(p['point'])} | {100 * p['forget']:.1f} | {100 * p['general']:.1f} | "
+                     f"{100 * (s['base']['general'] - p['general']):.1f} | "
+                     f"{'yes' if i in s['pareto_front'] else ''} | "
+                     f"{'**yes**' if i == s['selected'] else ''} |")
+    if s["selected"] is None:
+        lines.append("\nNo point kept general accuracy within the bound.")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, s: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = s["points"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([100 * p["forget"] for p in pts], [100 * p["general"] for p in pts], c="#888",
+               label="grid points")
+    for p in pts:
+        ax.annotate(slug(p["point"]), (100 * p["forget"], 100 * p["general"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    front = [pts[i] for i in s["pareto_front"]]
+    ax.plot([100 * p["forget"] for p in front], [100 * p["general"] for p in front], "-o",
+            color="#c33", label="Pareto front")
+    ax.scatter([100 * s["base"]["forget"]], [100 * s["base"]["general"]], marker="s", c="k",
+               label="base model")
+    ax.axhline(100 * (s["base"]["general"] - s["max_general_drop"]), ls="--", c="#36c", lw=1,
+               label="general-accuracy bound")
+    if s["selected"] is not None:
+        sel = pts[s["selected"]]
+        ax.scatter([100 * sel["forget"]], [100 * sel["general"]], marker="*", s=250, c="gold",
+                   edgecolors="k", label="selected", zorder=5)
+    ax.set_xlabel(f"forget accuracy, {s['forget_metric']} (%)")
+    ax.set_ylabel(f"general accuracy, {s['general_metric']} (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

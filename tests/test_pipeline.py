@@ -1,0 +1,164 @@
+"""`wmdp run` and `wmdp sweep` on a tiny model: stages, resume, the report's numbers, the sweep."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import MISTRAL_TOK, save_tiny_model, write_mcq_jsonl
+from wmdp.config import from_dict
+from wmdp.pipeline import DEFAULT, RunConfig, load_run_config, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A tiny model, WMDP- and MMLU-named question files, forget/retain corpora."""
+    d = tmp_path_factory.mktemp("world")
+    model = save_tiny_model(d / "model", "llama", MISTRAL_TOK, layers=4)
+    data = d / "data"
+    data.mkdir()
+    for i, name in enumerate(["wmdp_bio", "wmdp_cyber", "wmdp_chem", "college_biology_test",
+                              "virology_test"]):
+        write_mcq_jsonl(data / f"{name}.jsonl", 12 + 3 * i, seed=i)
+    words = "alpha beta gamma delta omega theta kappa sigma".split()
+    for name, seed in (("forget_a", 1), ("forget_b", 2), ("retain", 3)):
+        import random
+
+        rng = random.Random(seed)
+        (d / f"{name}.jsonl").write_text("".join(
+            json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 30)))}) + "\n"
+            for _ in range(24)))
+    return {"dir": d, "model": str(model), "data": str(data)}
+
+
+def tiny_config(world: dict, output: Path, **unlearn) -> RunConfig:
+    d = world["dir"]
+    return from_dict(RunConfig, {
+        "output": str(output), "model": world["model"], "dtype": "float32", "device": "cpu",
+        "eval": {"tasks": ["wmdp", "mmlu_college_biology", "mmlu_virology", "ppl_retain"],
+                 "data_dir": world["data"], "task_files": {"ppl_retain": str(d / "retain.jsonl")},
+                 "forget": ["wmdp_bio", "wmdp_cyber", "wmdp_chem"],
+                 "near": ["mmlu_college_biology", "mmlu_virology"], "batch_size": "8"},
+        "unlearn": {"method": "rmu", "settings": {
+            "forget_corpora": [str(d / "forget_a.jsonl"), str(d / "forget_b.jsonl")],
+            "retain_corpora": [str(d / "retain.jsonl")] * 2, "max_num_batches": 4,
+            "checkpoint_every": 1,
+            "rmu": {"layer_id": 2, "layer_ids": [1, 2], "steering_coeffs": [8.0],
+                    "alpha": [10.0], "lr": 1e-3, **unlearn}}},
+    })
+
+
+def numbers(text: str) -> list[str]:
+    return re.findall(r"[-+]?\d+\.\d+", text)
+
+
+def test_run_writes_every_stage_and_a_faithful_report(world, tmp_path):
+    run_dir = run_pipeline(tiny_config(world, tmp_path / "run"), progress=False)
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert list(stages) == ["eval_base", "unlearn", "eval_unlearned", "report"]
+    base = json.loads((run_dir / "eval_base" / "results.json").read_text())
+    unl = json.loads((run_dir / "eval_unlearned" / "results.json").read_text())
+    report = (run_dir / "report.md").read_text()
+    tables = "\n".join(line for line in report.splitlines() if line.startswith("|"))
+    # every accuracy, stderr and perplexity of both results files is in the report's tables
+    expected = set()
+    for res in (base, unl):
+        for part in ("results", "groups"):
+            for name, r in res[part].items():
+                for key in ("acc", "acc_stderr"):
+                    if r.get(key) is not None:
+                        expected.add(f"{100 * r[key]:.1f}")
+                for key in ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"):
+                    if key in r:
+                        expected.add(f"{r[key]:.3f}")
+    found = set(numbers(tables))
+    assert expected <= found
+    # and nothing else: every number in a table is one of them or a difference of two
+    deltas = {f"{100 * (unl[p][n]['acc'] - base[p][n]['acc']):+.1f}"
+              for p in ("results", "groups") for n in base[p] if "acc" in base[p][n]}
+    assert found <= expected | deltas
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "<table>" in html
+    card = (run_dir / "unlearned" / "README.md").read_text()
+    assert "forget_a.jsonl" in card and "wmdp_bio (forget)" in card
+
+
+def test_interrupted_run_resumes_at_the_unfinished_stage(world, tmp_path, monkeypatch):
+    from wmdp import evaluate
+    from wmdp.unlearn.rmu import RMU
+
+    whole = run_pipeline(tiny_config(world, tmp_path / "whole"), progress=False)
+    real = RMU.loss
+
+    def interrupted(self, step):
+        if step.idx == 2:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(RMU, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(tiny_config(world, tmp_path / "run"), progress=False)
+    assert list(json.loads((tmp_path / "run" / "stages.json").read_text())) == ["eval_base"]
+    monkeypatch.setattr(RMU, "loss", real)
+    evaluated = []
+    real_eval = evaluate.run_eval
+    monkeypatch.setattr(evaluate, "run_eval",
+                        lambda cfg, *a, **k: evaluated.append(cfg.model) or real_eval(cfg, *a, **k))
+    run_pipeline(tiny_config(world, tmp_path / "run"), progress=False)
+    assert evaluated == [str(tmp_path / "run" / "unlearned")]  # the base was not evaluated again
+    a = json.loads((whole / "eval_unlearned" / "results.json").read_text())["results"]
+    b = json.loads((tmp_path / "run" / "eval_unlearned" / "results.json").read_text())["results"]
+    strip = lambda res: {k: {m: x for m, x in v.items() if m != "seconds"} for k, v in res.items()}  # noqa: E731
+    assert strip(a) == strip(b)
+    with pytest.raises(Exception, match="different configuration"):
+        run_pipeline(tiny_config(world, tmp_path / "run", lr=5e-3), progress=False)
+
+
+def test_sweep_front_and_selection_rule(world, tmp_path):
+    from wmdp.sweep import run_sweep
+
+    s = run_sweep(tiny_config(world, tmp_path / "unused"),
+                  {"steering_coeff": [2.0, 40.0], "alpha": [1.0, 100.0]}, tmp_path / "sweep",
+                  forget_metric="wmdp", general_metric="mmlu_college_biology",
+                  max_general_drop=0.1, progress=False)
+    assert (tmp_path / "sweep" / "pareto.png").stat().st_size > 1000
+    pts = s["points"]
+    assert len(pts) == 4 and len({p["dir"] for p in pts}) == 4
+    ok = [i for i, p in enumerate(pts) if s["base"]["general"] - p["general"] <= 0.1 + 1e-12]
+    if ok:
+        best = min(pts[i]["forget"] for i in ok)
+        assert s["selected"] in ok and pts[s["selected"]]["forget"] == best
+    else:
+        assert s["selected"] is None
+    for i in s["pareto_front"]:  # no point beats a front point on both axes
+        assert not any(q["forget"] < pts[i]["forget"] and q["general"] > pts[i]["general"] for q in pts)
+    for i in set(range(4)) - set(s["pareto_front"]):
+        assert any(q["forget"] <= pts[i]["forget"] and q["general"] >= pts[i]["general"] for q in pts)
+
+
+def test_configs_sandbox_yaml_is_the_embedded_default():
+    from_file = load_run_config(ROOT / "configs" / "sandbox.yaml")
+    assert from_file == load_run_config(None)
+    assert load_run_config(None).sandbox is not None
+
+
+@pytest.mark.parametrize("name", ["zephyr-7b-rmu.yaml", "yi-34b-rmu.yaml", "mixtral-8x7b-rmu.yaml"])
+def test_gpu_recipes_parse_and_resolve(name):
+    from wmdp.pipeline import Pipeline
+
+    cfg = load_run_config(ROOT / "configs" / name)
+    assert cfg.model and cfg.unlearn.preset
+    text = (ROOT / "configs" / name).read_text()
+    assert text.startswith("# wmdp run configs/")
+    assert yaml.safe_load(text)["unlearn"]["method"] == "rmu"
+    _ = Pipeline  # resolution of the unlearning settings needs no model download
+    from wmdp.unlearn import resolve
+
+    _, hp, uc = resolve("rmu", preset=cfg.unlearn.preset, settings={"output": "x"})
+    assert uc.seed == 42 and uc.retain_corpora == ["wikitext", "wikitext"]
