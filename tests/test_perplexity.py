@@ -210,3 +210,50 @@ def test_bad_corpus_is_one_line_exit_2(capsys, llama_mistral_tok, tmp_path):
                  "--output", str(tmp_path / "o")])
     _, err = capsys.readouterr()
     assert code == 2 and "name a corpus after 'ppl:'" in err
+
+
+WIKI = (' = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor '
+        '. He had a guest @-@ starring role in 2000 , and scored 1 @,@ 000 @.@ 5 points ( "The '
+        'Bill" ) [ see ] { x } \' quoted \' ; then : more ! and ? = = Career = = \n')
+
+
+def test_wikitext_detokenizer_is_lm_evals():
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer as theirs
+
+    from wmdp.perplexity import wikitext_detokenizer
+
+    for text in (WIKI, WIKI * 3, " N = = = = x = = = = 's s ' 10 ° C \n "):
+        assert wikitext_detokenizer(text) == theirs({"page": text})
+
+
+def test_wikitext_task_scores_detokenized_text_counts_original(tmp_path):
+    import json as _json
+
+    from wmdp.evaluate import evaluate_model
+    from wmdp.models import load_model
+    from wmdp.perplexity import wikitext_detokenizer
+    from wmdp.tasks import Registry, Task
+
+    from conftest import MISTRAL_TOK, save_tiny_model
+
+    model, tok = load_model(save_tiny_model(tmp_path / "m", "llama", MISTRAL_TOK), device="cpu")
+    pages = [WIKI, WIKI.upper()]
+    f = tmp_path / "pages.jsonl"
+    f.write_text("".join(_json.dumps({"text": p}) + "\n" for p in pages))
+    reg = Registry.build()
+    reg.tasks["wt"] = Task("wt", "wikitext", path=f, kind="perplexity", detokenizer="wikitext")
+    reg.tasks["plain"] = Task("plain", "x", kind="perplexity",
+                              path=_write(tmp_path / "d.jsonl", [wikitext_detokenizer(p) for p in pages]))
+    res = evaluate_model(model, tok, ["wt", "plain"], reg, progress=False)["results"]
+    assert res["wt"]["loglikelihood"] == pytest.approx(res["plain"]["loglikelihood"], abs=1e-4)
+    assert res["wt"]["words"] == sum(len(re.split(r"\s+", p)) for p in pages)
+    assert res["wt"]["bytes"] == sum(len(p.encode()) for p in pages)
+    assert res["plain"]["bytes"] < res["wt"]["bytes"]
+    assert Registry.build().tasks["wikitext"].text_field == "page"
+
+
+def _write(path, texts):
+    import json as _json
+
+    path.write_text("".join(_json.dumps({"text": t}) + "\n" for t in texts))
+    return path

@@ -1,6 +1,6 @@
 """Evaluate a causal LM on multiple-choice tasks; write results.json and samples_<task>.jsonl.
 
-    wmdp eval --model HuggingFaceH4/zephyr-7b-beta --tasks wmdp,mmlu,ppl_wikitext --output runs/zephyr
+    wmdp eval --model HuggingFaceH4/zephyr-7b-beta --tasks wmdp,mmlu,wikitext --output runs/zephyr
 
 In Python, on a model already in memory (what unlearning and the audit call):
 
@@ -10,7 +10,7 @@ In Python, on a model already in memory (what unlearning and the audit call):
 Metrics are lm-eval's: `acc` is the argmax of summed log-likelihoods, `acc_norm` (cloze tasks)
 the argmax after dividing by each choice's length in characters, `acc_stderr` the sample
 standard error of the mean; a group's score is the size-weighted mean of its members, its
-stderr their pooled sample stderr. Perplexity tasks (`ppl_wikitext`, `ppl:<corpus>`) report
+stderr their pooled sample stderr. Perplexity tasks (`wikitext`, `ppl:<corpus>`) report
 lm-eval's rolling-window `word_perplexity`, `byte_perplexity`, `bits_per_byte` and the
 token-weighted `token_perplexity` (see `wmdp.perplexity`); a group of them pools the summed
 log-likelihoods and counts of its members.
@@ -35,7 +35,7 @@ from wmdp.errors import WmdpError
 from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json, write_json,
                      write_jsonl)
 from wmdp.models import check_model_source, load_model
-from wmdp.perplexity import perplexity_metrics, score_texts
+from wmdp.perplexity import DETOKENIZERS, perplexity_metrics, score_texts
 from wmdp.scoring import Request, loglikelihoods
 from wmdp.tasks import PROMPT_STYLES, PromptStyle, Registry, Task, build_prompt
 
@@ -111,7 +111,8 @@ def score_perplexity_task(model: nn.Module, tokenizer: Any, task: Task, texts: l
     return score_texts(model, tokenizer, texts, batch_size=batch_size,
                        add_special_tokens=add_special_tokens_for(style, model),
                        max_length=max_length, progress=task.name if progress else False,
-                       stats=stats)
+                       stats=stats, detokenize=DETOKENIZERS[task.detokenizer]
+                       if task.detokenizer else None)
 
 
 def _prompt(item: MCQItem, task: Task, style: PromptStyle) -> tuple[str, tuple[str, ...]]:

@@ -1,6 +1,6 @@
 """Perplexity of a causal LM on text: rolling log-likelihood, as lm-eval's wikitext task scores it.
 
-    wmdp eval --model M --tasks ppl_wikitext,ppl:data/retain.jsonl --output DIR
+    wmdp eval --model M --tasks wikitext,ppl:data/retain.jsonl --output DIR
 
 In Python, on a model already in memory:
 
@@ -115,14 +115,42 @@ def perplexity_metrics(loglikelihood: float, tokens: int, words: int, n_bytes: i
             "bits_per_byte": -loglikelihood / n_bytes / math.log(2)}
 
 
+def wikitext_detokenizer(page: str) -> str:
+    """lm-eval's wikitext detokenizer: undo wikitext's spacing before a document is scored."""
+    s = page.replace("s '", "s'")
+    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
+    for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "),
+                 (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", ")):
+        s = s.replace(a, b)
+    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
+    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
+    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
+    s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
+    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    for a, b in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
+                 (" " + chr(176) + " ", chr(176)), (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "),
+                 (" 's", "'s")):
+        s = s.replace(a, b)
+    return s
+
+
+DETOKENIZERS: dict[str, Callable[[str], str]] = {"wikitext": wikitext_detokenizer}
+
+
 def score_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], *,
                 batch_size: int | str = "auto", add_special_tokens: bool | None = None,
                 max_length: int | None = None, progress: bool | str = True,
-                stats: dict | None = None) -> tuple[dict, list[dict]]:
-    """Corpus metrics and per-text samples (doc_id, loglikelihood, token/word/byte counts)."""
+                stats: dict | None = None,
+                detokenize: Callable[[str], str] | None = None) -> tuple[dict, list[dict]]:
+    """Corpus metrics and per-text samples (doc_id, loglikelihood, token/word/byte counts).
+
+    With `detokenize`, the detokenized text is scored while words and bytes are counted on the
+    original (as lm-eval's wikitext task does).
+    """
     max_length = max_length or model_max_length(model, tokenizer)
+    scored = [detokenize(t) for t in texts] if detokenize is not None else texts
     lls = rolling_loglikelihoods(
-        model, tokenizer, texts, batch_size=batch_size, add_special_tokens=add_special_tokens,
+        model, tokenizer, scored, batch_size=batch_size, add_special_tokens=add_special_tokens,
         max_length=max_length, progress=progress,
         on_batch_size=(lambda bs: stats.__setitem__("batch_size", bs)) if stats is not None else None)
     samples = [{"doc_id": i, "loglikelihood": ll, "tokens": n_tokens, "words": count_words(text),

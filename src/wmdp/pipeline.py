@@ -45,7 +45,7 @@ class SandboxSection:
 
 @dataclass
 class EvalSection:
-    tasks: list[str] = field(default_factory=lambda: ["wmdp", "mmlu", "ppl_wikitext"])
+    tasks: list[str] = field(default_factory=lambda: ["wmdp", "mmlu", "wikitext"])
     forget: list[str] = field(default_factory=lambda: ["wmdp_bio", "wmdp_cyber", "wmdp_chem"])
     near: list[str] = field(default_factory=lambda: [
         "mmlu_college_biology", "mmlu_virology", "mmlu_college_computer_science",

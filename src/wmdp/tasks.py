@@ -16,7 +16,8 @@ Names follow lm-eval: `wmdp`, `wmdp_bio`, `wmdp_cyber`, `wmdp_chem`, `mmlu`, `mm
      "groups": {"sandbox_forget": ["sandbox_bio", "sandbox_cyber"]}}
 
 Perplexity tasks (kind `perplexity`, scored by `wmdp.perplexity`) read a text corpus instead:
-`ppl_wikitext` (wikitext-2-raw-v1 test, the paper's retain text, one text per line),
+`wikitext` (lm-eval's task: wikitext-2-raw-v1 test documents, detokenized, words and bytes
+counted on the original), `ppl:wikitext` (the same split line by line, RMU's retain text),
 `ppl:<corpus spec>` for any corpus `wmdp.data.corpus.load_corpus` reads (a `.jsonl` with a
 `text` field, a `.txt`, `wikitext`, a hub dataset `org/name:config@split`), `--task
 ppl_<name>=FILE`, or a manifest entry `{"file": "retain.jsonl", "kind": "perplexity"}` (or
@@ -88,6 +89,8 @@ class Task:
     cloze_template: str = "Question: {question}\nAnswer:"
     kind: str = "mcq"               # "mcq" or "perplexity"
     corpus: str | None = None       # perplexity: a corpus spec, where `path` is not given
+    text_field: str = "text"        # perplexity: the hub dataset's text column
+    detokenizer: str | None = None  # perplexity: "wikitext" (lm-eval's), applied before scoring
 
     @property
     def source(self) -> str:
@@ -113,7 +116,7 @@ class Task:
         spec = self.path if self.path is not None else self.corpus
         if spec is None:
             raise WmdpError(f"task {self.name}: no corpus (give --data-dir or --task)")
-        return load_corpus(spec)
+        return load_corpus(spec, text_field=self.text_field)
 
     def load(self) -> list[MCQItem] | Corpus:
         return self.load_texts() if self.kind == "perplexity" else self.load_items()
@@ -159,7 +162,9 @@ def builtin_tasks() -> dict[str, Task]:
              for k, topic in WMDP_TOPICS.items()}
     for s in MMLU_SUBJECTS:
         tasks[f"mmlu_{s}"] = Task(f"mmlu_{s}", s.replace("_", " "), hub=("cais/mmlu", s, "test"))
-    tasks["ppl_wikitext"] = Task("ppl_wikitext", "wikitext", kind="perplexity", corpus="wikitext")
+    tasks["wikitext"] = Task("wikitext", "wikitext", kind="perplexity",
+                             corpus="EleutherAI/wikitext_document_level:wikitext-2-raw-v1@test",
+                             text_field="page", detokenizer="wikitext")
     return tasks
 
 
@@ -269,7 +274,7 @@ class Registry:
         if name in self.tasks:
             return [name]
         raise WmdpError(f"unknown task {name!r} (tasks: wmdp, wmdp_bio, wmdp_cyber, wmdp_chem, "
-                        "mmlu, mmlu_<subject>, ppl_wikitext, ppl:<corpus>, a data dir's "
+                        "mmlu, mmlu_<subject>, wikitext, ppl:<corpus>, a data dir's "
                         "tasks.json, or --task NAME=PATH)")
 
     def groups_of(self, tasks: list[str]) -> dict[str, list[str]]:

@@ -42,8 +42,12 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
     return dataset, config or None, split or "train"
 
 
-def load_corpus(spec: str | Path, min_len: int = 0, limit: int | None = None) -> Corpus:
-    """Load a corpus by spec, dropping texts of at most `min_len` characters."""
+def load_corpus(spec: str | Path, min_len: int = 0, limit: int | None = None,
+                text_field: str = "text") -> Corpus:
+    """Load a corpus by spec, dropping texts of at most `min_len` characters.
+
+    `text_field` names the column of a hub dataset that holds the text (`page` for
+    EleutherAI/wikitext_document_level)."""
     spec = str(spec)
     path = Path(spec).expanduser()
     if spec == "wikitext":
@@ -54,7 +58,7 @@ def load_corpus(spec: str | Path, min_len: int = 0, limit: int | None = None) ->
         name, source = path.stem, str(path)
     else:
         dataset, config, split = parse_hub_spec(spec)
-        texts = _hub_texts(dataset, config, split, spec)
+        texts = _hub_texts(dataset, config, split, spec, text_field)
         name, source = (config or dataset.split("/")[-1]), f"hub:{spec}"
     texts = [t for t in texts if len(t) > min_len]
     if limit is not None:
@@ -90,7 +94,8 @@ def _file_texts(path: Path) -> list[str]:
     return texts
 
 
-def _hub_texts(dataset: str, config: str | None, split: str, spec: str) -> list[str]:
+def _hub_texts(dataset: str, config: str | None, split: str, spec: str,
+               text_field: str = "text") -> list[str]:
     import datasets
 
     try:
@@ -98,6 +103,6 @@ def _hub_texts(dataset: str, config: str | None, split: str, spec: str) -> list[
     except Exception as e:  # noqa: BLE001 - network, auth and gating errors alike
         raise WmdpError(f"{spec}: cannot load corpus from the hub "
                         f"({str(e).strip().splitlines()[0][:300]})") from e
-    if "text" not in ds.column_names:
-        raise WmdpError(f"{spec}: dataset has no 'text' column (columns: {ds.column_names})")
-    return [str(t) for t in ds["text"]]
+    if text_field not in ds.column_names:
+        raise WmdpError(f"{spec}: dataset has no {text_field!r} column (columns: {ds.column_names})")
+    return [str(t) for t in ds[text_field]]
