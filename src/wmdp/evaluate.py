@@ -31,6 +31,7 @@ from torch import nn
 
 from wmdp.data.corpus import Corpus
 from wmdp.data.mcq import MCQItem, items_hash
+from wmdp.distributed import barrier, is_main, rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json, write_json,
                      write_jsonl)
@@ -194,7 +195,7 @@ def run_record(model: nn.Module, config: EvalConfig, stats: dict) -> dict:
         "padding_side": "right",
         "device_used": str(params.device),
         "device_count": device_count,
-        "world_size": 1,
+        "world_size": rank_world()[1],
         "prompt_template": {"letter": build_prompt(
             MCQItem("{question}", ("{c0}", "{c1}", "{c2}", "{c3}"), 0),
             Task("{task}", "{topic}"), _style(config.prompt_style))[0]},
@@ -234,11 +235,11 @@ def evaluate_model(model: nn.Module, tokenizer: Any, tasks: list[str],
         results[name], samples[name], sources[name] = score(model, tokenizer, task, data, style,
                                                             config, progress, stats)
         results[name]["seconds"] = round(time.perf_counter() - t0, 3)
-        if output is not None:  # each task lands on disk as it finishes: a rerun resumes
+        if output is not None and is_main():  # each task lands on disk as it finishes
             write_jsonl(output / samples_filename(name), samples.pop(name))
             write_json(output / RESULTS, _summary(results, sources, registry, model, config, stats))
     summary = _summary(results, sources, registry, model, config, stats)
-    if output is not None:
+    if output is not None and is_main():
         write_json(output / RESULTS, summary)
     else:
         summary["samples"] = samples
@@ -292,7 +293,10 @@ def run_eval(config: EvalConfig, tasks: list[str], output: str | Path,
     registry = Registry.build(config.data_dir, config.task_files, config.format)
     _style(config.prompt_style)
     check_model_source(config.model)
-    out = prepare_output_dir(output, overwrite, RESULTS, config.fingerprint())
+    if is_main():
+        prepare_output_dir(output, overwrite, RESULTS, config.fingerprint())
+    barrier()  # the other processes read the directory rank 0 prepared
+    out = Path(output)
     # bad task names and bad data fail before the (possibly large) model loads
     done = read_json(out / RESULTS).get("results", {}) if (out / RESULTS).is_file() else {}
     items = {n: registry.tasks[n].load() for n in registry.expand(tasks) if n not in done}

@@ -114,6 +114,8 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 def resolve_device(device: str) -> str:
+    if device in ("auto", "cuda") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

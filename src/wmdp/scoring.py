@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from wmdp.distributed import all_gather, rank_world
 from wmdp.errors import WmdpError
 from wmdp.models import input_device, model_max_length
 
@@ -184,13 +185,16 @@ def score_rows(model: nn.Module, rows: list[_Row], *, batch_size: int | str = "a
     """Each row's summed log-likelihood per read, in the order given.
 
     Rows run longest first (an out-of-memory shows at once), in batches that halve and retry
-    on out-of-memory; `on_batch_size` hears the batch size that worked.
+    on out-of-memory; `on_batch_size` hears the batch size that worked. Under torch.distributed
+    each process scores every N-th row and all get every score.
     """
+    rank, world = rank_world()
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
+    order = order[rank::world]
     out: list[list[float]] = [[] for _ in rows]
     bs = _initial_batch_size(batch_size, model)
-    bar = tqdm(total=len(rows), desc=progress if isinstance(progress, str) else "scoring",
-               disable=not progress, leave=False, unit="row")
+    bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring",
+               disable=not progress or rank != 0, leave=False, unit="row")
     i = 0
     while i < len(order):
         idx = order[i:i + bs]
@@ -208,6 +212,10 @@ def score_rows(model: nn.Module, rows: list[_Row], *, batch_size: int | str = "a
         i += len(idx)
         bar.update(len(idx))
     bar.close()
+    if world > 1:
+        for share in all_gather({j: out[j] for j in order}):
+            for j, lls in share.items():
+                out[j] = lls
     if on_batch_size is not None:
         on_batch_size(bs)
     return out
