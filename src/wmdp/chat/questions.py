@@ -16,14 +16,13 @@ questions and judge).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from wmdp.errors import DataError, WmdpError
-from wmdp.io import sha256_json
+from wmdp.io import jsonl_records, sha256_json
 
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
               "humanities")
@@ -93,18 +92,6 @@ def validate_question(rec: Any, path: Path, line: int) -> Question:
             raise DataError(path, f"has {len(reference)} answers for {len(turns)} turns", line,
                             "reference")
     return Question(qid, category.strip(), turns, reference)
-
-
-def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) of each non-blank line; a DataError on bad JSON."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, f"invalid JSON ({e.msg})", lineno) from None
 
 
 def load_questions(path: str | Path | None = None) -> list[Question]:

@@ -30,12 +30,12 @@ from wmdp.chat.backends import ChatCompletionsJudge, Judge, JudgmentCache, Local
 from wmdp.chat.generate import check_chat_template, generate_answers, read_chat_template
 from wmdp.chat.judge import JudgeConfig, chat_scores, judge_answers, judge_spec
 from wmdp.chat.questions import (CATEGORY_TEMPERATURE, Question, answer_turns,
-                                 default_questions_path, jsonl_records, load_questions,
-                                 load_references, questions_hash)
+                                 default_questions_path, load_questions, load_references,
+                                 questions_hash)
 from wmdp.config import from_dict, to_dict
 from wmdp.errors import DataError, WmdpError
-from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json, write_json,
-                     write_jsonl)
+from wmdp.io import (jsonl_records, library_versions, prepare_output_dir, read_json, sha256_json,
+                     write_json, write_jsonl)
 from wmdp.models import check_model_source, load_model, load_tokenizer
 
 ANSWERS, JUDGMENTS, JUDGE_CACHE, CHAT_RESULTS = (

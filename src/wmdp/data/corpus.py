@@ -12,12 +12,11 @@ Texts of `min_len` characters or fewer are dropped, as the RMU reference code do
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wmdp.errors import DataError, WmdpError
-from wmdp.io import sha256_json
+from wmdp.io import jsonl_records, sha256_json
 
 
 @dataclass
@@ -75,20 +74,13 @@ def _file_texts(path: Path) -> list[str]:
         return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip()]
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, f"invalid JSON ({e.msg})", lineno) from None
-            if not isinstance(rec, dict) or "text" not in rec:
-                raise DataError(path, "is missing", lineno, "text")
-            if not isinstance(rec["text"], str):
-                raise DataError(path, f"is {type(rec['text']).__name__}, expected a string",
-                                lineno, "text")
-            texts.append(rec["text"])
+    for lineno, rec in jsonl_records(path):
+        if not isinstance(rec, dict) or "text" not in rec:
+            raise DataError(path, "is missing", lineno, "text")
+        if not isinstance(rec["text"], str):
+            raise DataError(path, f"is {type(rec['text']).__name__}, expected a string",
+                            lineno, "text")
+        texts.append(rec["text"])
     if not texts:
         raise DataError(path, "file is empty (no texts)")
     return texts

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from wmdp.errors import DataError, WmdpError
-from wmdp.io import sha256_json
+from wmdp.io import jsonl_records, sha256_json
 
 N_CHOICES = 4
 LETTERS = "ABCD"
@@ -107,17 +107,7 @@ def load_mcq_file(path: str | Path) -> list[MCQItem]:
 
 
 def _read_jsonl(path: Path) -> list[MCQItem]:
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, f"invalid JSON ({e.msg})", lineno) from None
-            items.append(validate_record(rec, path, lineno))
-    return items
+    return [validate_record(rec, path, lineno) for lineno, rec in jsonl_records(path)]
 
 
 def _read_json(path: Path) -> list[MCQItem]:
