@@ -6,7 +6,7 @@ front, and the selected point, the way the paper tuned RMU.
 Grid keys are the method's hyperparameters (`steering_coeff` stands for a one-element
 `steering_coeffs`; sweeping `layer_id` alone also moves `layer_ids` to the three blocks ending
 there, as the paper's grid did). The base model is evaluated once; each point is a run of its
-own under `points/` (unlearn, evaluate, report), so an interrupted sweep resumes point by point.
+own under `points/` (unlearn, evaluate), so an interrupted sweep resumes point by point.
 The selected point has the lowest forget accuracy among those whose general accuracy fell by at
 most `max_general_drop` (absolute accuracy) from the base model's.
 """
@@ -114,7 +114,7 @@ def run_sweep(config: RunConfig, grid: dict[str, list[Any]], output: str | Path,
             done = pipe.done()
             done.update({k: v for k, v in read_json(base.dir / STAGES).items()})
             write_json(pipe.dir / STAGES, done)
-        pipe.run()
+        pipe.run(stop_after="eval_unlearned")  # the sweep's own table and plot report it
         res = read_json(pipe.dir / "eval_unlearned" / "results.json")
         points.append({"point": point, "dir": str(pipe.dir.relative_to(out)),
                        "forget": score(res, forget_metric), "general": score(res, general_metric)})
