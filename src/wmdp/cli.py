@@ -55,79 +55,298 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=_csv, required=True, help="comma-separated tasks or groups")
     p.add_argument("--output", required=True, help="directory for results.json and samples")
     p.add_argument("--batch-size", default="auto", help="rows per forward pass, or auto")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="context length (perplexity window); default: the model's")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each task")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from wmdp.distributed import init_from_env, is_main
     from wmdp.evaluate import EvalConfig, format_table, run_eval
 
+    init_from_env()  # under torchrun: data-parallel, rank 0 writes
     config = EvalConfig(model=args.model, revision=args.revision, dtype=args.dtype,
                         device=args.device, device_map=args.device_map,
-                        batch_size=args.batch_size, prompt_style=args.prompt_style,
+                        batch_size=args.batch_size, max_length=args.max_length,
+                        prompt_style=args.prompt_style,
                         format=args.format, limit=args.limit, data_dir=args.data_dir,
                         task_files=dict(args.task_files), trust_remote_code=args.trust_remote_code)
     results = run_eval(config, args.tasks, args.output, overwrite=args.overwrite)
+    if not is_main():
+        return 0
     print(format_table(results))
     print(f"wrote {os.path.join(args.output, 'results.json')}")
     return 0
 
 
-def _floats(value: str) -> list[float]:
-    return [float(v) for v in _csv(value)]
-
-
-def _ints(value: str) -> list[int]:
-    return [int(v) for v in _csv(value)]
-
-
 def _unlearn_parser(sub: argparse._SubParsersAction) -> None:
+    """`wmdp unlearn METHOD`: flags come from the dataclass fields (layer_id -> --layer-id)."""
+    from wmdp.config import cli_flags
+    from wmdp.unlearn.loop import UnlearnConfig
+    from wmdp.unlearn.registry import METHODS
+
     p = sub.add_parser("unlearn", help="remove a domain's knowledge from a model")
     methods = p.add_subparsers(dest="method", required=True)
-    rmu = methods.add_parser("rmu", help="Representation Misdirection for Unlearning (WMDP paper)")
-    rmu.add_argument("--preset", help="zephyr-7b, yi-34b, mixtral-8x7b or sandbox")
-    rmu.add_argument("--config", help="YAML file: shared settings, hyperparameters under rmu:")
-    rmu.add_argument("--model", help="hub id or local model directory (never written to)")
-    rmu.add_argument("--output", help="directory for the unlearned model")
-    rmu.add_argument("--forget-corpora", type=_csv, help="JSONL files, hub datasets, or wikitext")
-    rmu.add_argument("--retain-corpora", type=_csv, help="one per forget corpus")
-    rmu.add_argument("--layer-id", type=int, help="block whose output is steered")
-    rmu.add_argument("--layer-ids", type=_ints, help="blocks whose MLP output projection trains")
-    rmu.add_argument("--steering-coeffs", type=_floats, help="per forget corpus")
-    rmu.add_argument("--alpha", type=_floats, help="retain weight per forget corpus")
-    rmu.add_argument("--lr", type=float)
-    rmu.add_argument("--batch-size", type=int)
-    rmu.add_argument("--max-num-batches", type=int)
-    rmu.add_argument("--min-len", type=int)
-    rmu.add_argument("--seed", type=int)
-    rmu.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
-    rmu.add_argument("--device")
-    rmu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="any other setting, e.g. rmu.adaptive_coeff=3 (repeatable)")
-    rmu.add_argument("--overwrite", action="store_true")
-    rmu.set_defaults(func=_cmd_unlearn)
+    for name, (_, hp_cls, presets, summary) in METHODS.items():
+        m = methods.add_parser(name, help=summary)
+        m.add_argument("--preset", choices=sorted(presets) or None, help="published settings")
+        m.add_argument("--config", help=f"YAML file: shared settings, hyperparameters under {name}:")
+        cli_flags(m, UnlearnConfig, dest_prefix="", skip=())
+        cli_flags(m.add_argument_group(f"{name} hyperparameters"), hp_cls,
+                  dest_prefix=f"{name}.", skip=())
+        m.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help=f"any setting, e.g. {name}.lr=1e-4 (repeatable)")
+        m.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+        m.set_defaults(func=_cmd_unlearn)
 
 
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from wmdp.unlearn import resolve, run_unlearning
 
-    flags = {"model": args.model, "output": args.output, "forget_corpora": args.forget_corpora,
-             "retain_corpora": args.retain_corpora, "batch_size": args.batch_size,
-             "max_num_batches": args.max_num_batches, "min_len": args.min_len,
-             "seed": args.seed, "dtype": args.dtype, "device": args.device}
-    m = args.method
-    flags.update({f"{m}.layer_id": args.layer_id, f"{m}.layer_ids": args.layer_ids,
-                  f"{m}.steering_coeffs": args.steering_coeffs, f"{m}.alpha": args.alpha,
-                  f"{m}.lr": args.lr})
-    method, hparams, config = resolve(m, preset=args.preset, config_file=args.config,
-                                      settings=flags, overrides=args.overrides)
+    settings = {k: v for k, v in vars(args).items() if k.startswith(f"{args.method}.")
+                or k in _unlearn_shared_keys()}
+    method, hparams, config = resolve(args.method, preset=args.preset, config_file=args.config,
+                                      settings=settings, overrides=args.overrides)
     out = run_unlearning(method, hparams, config, overwrite=args.overwrite)
     print(f"wrote the unlearned model to {out}")
     return 0
 
 
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_eval_parser, _unlearn_parser]
+def _unlearn_shared_keys() -> set[str]:
+    import dataclasses
+
+    from wmdp.unlearn.loop import UnlearnConfig
+
+    return {f.name for f in dataclasses.fields(UnlearnConfig)}
+
+
+def _chat_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat-eval", help="judged chat (MT-Bench style): answer, then grade 1-10")
+    add_model_args(p)
+    p.add_argument("--questions", default=None,
+                   help="MT-Bench-layout JSONL (question_id, category, turns, reference); "
+                        "default: the bundled two-turn set")
+    p.add_argument("--references", default=None, metavar="FILE",
+                   help="reference answers for the judge, MT-Bench's layout "
+                        "(question_id, choices[0].turns); default: the questions' own")
+    p.add_argument("--judge", required=True, metavar="SPEC",
+                   help="openai:MODEL (any OpenAI-compatible endpoint), hf:MODEL (local), "
+                        "or none (answers only)")
+    p.add_argument("--output", required=True, help="directory for answers, judgments, results")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template, for a tokenizer without one")
+    p.add_argument("--system-prompt", default=None, help="system message (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="per answer turn")
+    p.add_argument("--batch-size", type=int, default=8, help="conversations generated together")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="one temperature for all (default: MT-Bench's per category)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit", type=int, default=None, help="first N questions")
+    p.add_argument("--judge-base-url", default="https://api.openai.com/v1")
+    p.add_argument("--judge-api-key-env", default=None, metavar="NAME",
+                   help="NAME of the environment variable holding the API key (default: "
+                        "OPENAI_API_KEY for OpenAI's URL, no key for any other URL)")
+    p.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--judge-retries", type=int, default=5, help="retries with backoff")
+    p.add_argument("--judge-concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--judge-max-tokens", type=int, default=2048)
+    p.add_argument("--judge-cache", default=None, metavar="FILE",
+                   help="judgment cache (default: OUTPUT/judge_cache.jsonl)")
+    p.add_argument("--judge-dtype", default="auto",
+                   choices=["auto", "bfloat16", "float16", "float32"], help="hf judge")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.set_defaults(func=_cmd_chat_eval)
+
+
+def _cmd_chat_eval(args: argparse.Namespace) -> int:
+    from wmdp.chat.judge import JudgeConfig, format_chat_table, judge_spec
+    from wmdp.chat.run import ChatEvalConfig, run_chat_eval
+
+    backend, judge_model = judge_spec(args.judge)
+    judge = JudgeConfig(backend=backend, model=judge_model, base_url=args.judge_base_url,
+                        api_key_env=args.judge_api_key_env, timeout=args.judge_timeout,
+                        max_retries=args.judge_retries, concurrency=args.judge_concurrency,
+                        max_tokens=args.judge_max_tokens, cache=args.judge_cache,
+                        dtype=args.judge_dtype)
+    config = ChatEvalConfig(model=args.model, revision=args.revision, dtype=args.dtype,
+                            device=args.device, device_map=args.device_map,
+                            trust_remote_code=args.trust_remote_code, questions=args.questions,
+                            references=args.references,
+                            limit=args.limit, chat_template=args.chat_template,
+                            system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, seed=args.seed,
+                            temperature=args.temperature, judge=judge)
+    results = run_chat_eval(config, args.output, overwrite=args.overwrite)
+    if "categories" in results:
+        print(format_chat_table(results))
+    print(f"wrote {os.path.join(args.output, 'chat_results.json')}")
+    return 0
+
+
+def _sandbox_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sandbox", help="the offline sandbox: a fictional world and a tiny model")
+    actions = p.add_subparsers(dest="sandbox_command", required=True)
+    b = actions.add_parser("build", help="write the world's corpora and MCQs, train its model")
+    b.add_argument("--output", required=True, help="directory for data/, model/, train/, eval/")
+    b.add_argument("--seed", type=int, default=0, help="the world and the training seed")
+    b.add_argument("--preset", default="default", choices=["default", "small"],
+                   help="default: 750 facts, 1.2M parameters, ~5 min; "
+                        "small: 300 facts, 0.3M parameters, ~1.5 min")
+    b.add_argument("--config", default=None, help="YAML file of settings over the preset")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="settings over the preset, e.g. train.epochs=30 world.docs_per_entity=6")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    b.set_defaults(func=_cmd_sandbox_build)
+
+
+def _cmd_sandbox_build(args: argparse.Namespace) -> int:
+    from wmdp.sandbox.build import build_sandbox, describe, sandbox_config
+
+    config = sandbox_config(args.preset, args.seed, args.config, args.overrides)
+    manifest = build_sandbox(args.output, config, overwrite=args.overwrite)
+    print(describe(manifest))
+    print(f"wrote {args.output} (data/, model/, train/log.jsonl, eval/results.json)")
+    return 0
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the whole job: evaluate, unlearn, evaluate, audit, report")
+    p.add_argument("config", nargs="?", help="YAML run config (default: the offline sandbox)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. output=runs/x eval.limit=50 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from wmdp.pipeline import load_run_config, main_table, run_pipeline
+
+    config = load_run_config(args.config, args.overrides)
+    run_dir = run_pipeline(config, overwrite=args.overwrite)
+    print(main_table(run_dir))
+    print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+    return 0
+
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="a hyperparameter grid with its Pareto front")
+    p.add_argument("config", nargs="?", help="YAML run config (default: the offline sandbox)")
+    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="hyperparameter values, e.g. steering_coeff=1,3,10 alpha=10,100")
+    p.add_argument("--output", required=True, help="the sweep directory")
+    p.add_argument("--forget-metric", default=None,
+                   help="task or group whose accuracy should fall (default: sandbox_forget or wmdp)")
+    p.add_argument("--general-metric", default=None,
+                   help="task or group whose accuracy should hold (default: sandbox_general or mmlu)")
+    p.add_argument("--max-general-drop", type=float, default=0.05,
+                   help="largest allowed fall of general accuracy (absolute, 0.05 = 5 points)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from wmdp.pipeline import load_run_config
+    from wmdp.sweep import parse_grid, run_sweep, sweep_table
+
+    config = load_run_config(args.config, args.overrides)
+    sandbox = config.sandbox is not None
+    summary = run_sweep(config, parse_grid(args.grid), args.output,
+                        forget_metric=args.forget_metric or ("sandbox_forget" if sandbox else "wmdp"),
+                        general_metric=args.general_metric or ("sandbox_general" if sandbox else "mmlu"),
+                        max_general_drop=args.max_general_drop, overwrite=args.overwrite)
+    print(sweep_table(summary))
+    print(f"wrote {os.path.join(args.output, 'sweep.json')} and pareto.png")
+    return 0
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    from wmdp.compare import DEFAULT_FORGET
+
+    p = sub.add_parser("compare", help="one table and plot across runs (the paper's Table 1)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="a pipeline run dir (eval_base/, eval_unlearned/, unlearned/) or an "
+                        "eval output dir with results.json")
+    p.add_argument("--forget", type=_csv, default=None, metavar="PATTERNS",
+                   help="comma-separated task/group name patterns that are forget tasks; the "
+                        f"rest are general (default: {','.join(DEFAULT_FORGET)})")
+    p.add_argument("--tasks", type=_csv, default=None,
+                   help="the columns, comma-separated (default: forget tasks and groups, "
+                        "top-level general groups and their members, perplexity tasks)")
+    p.add_argument("--metric", default="acc", choices=["acc", "acc_norm"])
+    p.add_argument("--output", default=None,
+                   help="directory for compare.md, compare.json and compare.png")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from wmdp.compare import run_compare
+
+    table = run_compare(args.runs, output=args.output, forget=args.forget, tasks=args.tasks,
+                        metric=args.metric)
+    print(table["markdown"])
+    if args.output:
+        print(f"wrote {os.path.join(args.output, 'compare.md')}, compare.json, compare.png")
+    return 0
+
+
+def _audit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="can the removed knowledge be recovered? probes, "
+                       "relearning, GCG suffixes, few-shot prompts, activation norms")
+    add_model_args(p)  # --model: the unlearned model
+    p.add_argument("--base", required=True, help="the model before unlearning: hub id or directory")
+    p.add_argument("--base-revision", default=None, help="hub revision of the base model")
+    add_task_args(p)
+    p.add_argument("--tasks", type=_csv, required=True,
+                   help="comma-separated forget-domain tasks or groups (e.g. wmdp_bio,wmdp_cyber)")
+    p.add_argument("--attacks", type=_csv, default=None,
+                   help="comma-separated: probe,relearn,gcg,fewshot,activations (default: all)")
+    p.add_argument("--forget-corpora", type=_csv, default=None,
+                   help="forget-domain text for relearn and activations (corpus specs)")
+    p.add_argument("--retain-corpora", type=_csv, default=None,
+                   help="unrelated text: the relearning control, the activation baseline")
+    p.add_argument("--output", required=True, help="directory for audit.json, plots, verdicts")
+    p.add_argument("--preset", default=None, help="sandbox (the defaults: CPU-sized) or gpu")
+    p.add_argument("--config", default=None, help="YAML file: settings, attacks' under their names")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, e.g. gcg.steps=100 or relearn.method=lora (repeatable)")
+    p.add_argument("--batch-size", default=None, help="rows per forward when scoring, or auto")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each task")
+    p.add_argument("--seed", type=int, default=None, help="every attack's seed (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.set_defaults(func=_cmd_audit)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from wmdp.audit import audit_config, run_audit
+    from wmdp.audit.run import verdicts_markdown
+
+    batch = args.batch_size
+    settings = {  # None: unset (the preset's, the config file's or the default)
+        "model": args.model, "base": args.base, "output": args.output, "tasks": args.tasks,
+        "attacks": args.attacks, "forget_corpora": args.forget_corpora,
+        "retain_corpora": args.retain_corpora, "data_dir": args.data_dir,
+        "task_files": dict(args.task_files) or None, "format": args.format,
+        "prompt_style": None if args.prompt_style == "lmeval" else args.prompt_style,
+        "limit": args.limit, "seed": args.seed, "revision": args.revision,
+        "base_revision": args.base_revision, "device_map": args.device_map,
+        "batch_size": int(batch) if batch and batch.isdigit() else batch,
+        "dtype": None if args.dtype == "auto" else args.dtype,
+        "device": None if args.device == "auto" else args.device,
+        "trust_remote_code": args.trust_remote_code or None}
+    config = audit_config(args.preset, args.config, settings, args.overrides)
+    record = run_audit(config, overwrite=args.overwrite)
+    print(verdicts_markdown(record))
+    print(f"wrote {os.path.join(args.output, 'audit.json')}")
+    return 0
+
+
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_eval_parser, _unlearn_parser,
+                                                                _run_parser, _sweep_parser,
+                                                                _chat_eval_parser, _sandbox_parser,
+                                                                _compare_parser, _audit_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

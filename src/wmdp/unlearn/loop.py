@@ -59,7 +59,12 @@ class UnlearnConfig:
 
 
 class Method(Protocol):
-    """What an unlearning method provides to the loop."""
+    """What an unlearning method provides to the loop.
+
+    A one-shot method (no training steps, e.g. SSD) sets `one_shot = True` and provides
+    `apply(progress) -> metrics` instead of `make_optimizer` and `loss`; the loop calls it once
+    after `setup` and records its metrics as step 0.
+    """
 
     name: str
     tensors: list[TrainedTensor]
@@ -93,6 +98,8 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
     """
     torch.manual_seed(seed)
     method.setup(model, tokenizer, schedule, seed)
+    if getattr(method, "one_shot", False):
+        return [_one_shot(method, output, progress)]
     optimizer = method.make_optimizer()
     start, history = 0, []
     ckpt = output / CHECKPOINT if output is not None else None
@@ -126,6 +133,14 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
     bar.close()
     optimizer.zero_grad()
     return history
+
+
+def _one_shot(method: Method, output: Path | None, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    row = {"step": 0, **method.apply(progress), "seconds": round(time.perf_counter() - t0, 4)}
+    if output is not None:
+        atomic_write_text(output / "metrics.jsonl", json.dumps(row) + "\n")
+    return row
 
 
 def _fmt(metrics: dict[str, float]) -> str:

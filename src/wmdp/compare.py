@@ -1,0 +1,316 @@
+"""`wmdp compare RUN_DIR...`: one table across runs, in the layout of the WMDP paper's Table 1
+(method, each forget task, each general task, perplexity), and a plot of forget accuracy against
+general accuracy.
+
+    wmdp compare runs/rmu runs/ga runs/npo --output runs/compare    # compare.md, .json, .png
+
+A RUN_DIR is either a pipeline run (`eval_base/results.json`, `eval_unlearned/results.json`,
+`unlearned/unlearn_config.json`: a base row, shown once per distinct base model, and an
+unlearned row; with `chat_base/` and `chat_unlearned/`, their judged chat score, the paper's
+MT-Bench column) or an eval output dir with `results.json` (one row named after the dir). A row's
+method and settings come from the evaluated model's `unlearn_config.json` (the pipeline's
+`unlearned/`, or the model directory `results.json` records); settings are the hyperparameters
+that differ from the method's defaults.
+
+Columns: tasks and groups whose names match a `--forget` pattern (default: WMDP's and the
+sandbox's hazard tasks), or groups made only of such tasks, are forget columns; those with no
+forget task in them are general (each top-level general group and its direct members, and
+ungrouped tasks); groups mixing both are left out. `--tasks` names the columns instead.
+Perplexity tasks show `word_perplexity`. The plot's axes are the mean accuracy of the top-level
+forget and general columns (a group counts once, not with its members).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wmdp.config import to_dict
+from wmdp.errors import WmdpError
+from wmdp.io import atomic_write_text, read_json, write_json
+
+DEFAULT_FORGET = ("wmdp*", "sandbox_forget*", "sandbox_bio*", "sandbox_cyber*")
+PPL_METRIC = "word_perplexity"
+RESULTS, UNLEARN_RECORD = "results.json", "unlearn_config.json"
+
+
+@dataclass
+class Row:
+    label: str
+    method: str           # the unlearning method, or "base" (no unlearning record found)
+    settings: str         # hyperparameters that differ from the method's defaults
+    results: dict         # the results.json
+    source: str           # where results.json was read
+    chat: float | None = None  # judged chat score (1-10) of chat_*/chat_results.json, if any
+
+
+# -- reading runs -------------------------------------------------------------------------------
+def _read(path: Path) -> dict:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as e:
+        raise WmdpError(f"{path}: cannot read results ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise WmdpError(f"{path}: not a wmdp results.json (no \"results\" mapping)")
+    data.setdefault("groups", {})
+    return data
+
+
+def _settings(record: dict) -> str:
+    """`k=v` for each hyperparameter that differs from the method's default."""
+    from wmdp.unlearn.registry import METHODS
+
+    hparams = record.get("hparams", {})
+    if record.get("method") in METHODS:
+        defaults = to_dict(METHODS[record["method"]][1]())
+        hparams = {k: v for k, v in hparams.items() if defaults.get(k, object()) != v}
+    return ", ".join(f"{k}={_short(v)}" for k, v in hparams.items())
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "[" + ",".join(_short(x) for x in v) + "]"
+    return str(v)
+
+
+def _record_of(results: dict, *candidates: Path) -> dict | None:
+    """The unlearning record of the evaluated model, if one is found."""
+    model = results.get("config", {}).get("model")
+    paths = list(candidates) + ([Path(model) / UNLEARN_RECORD] if model else [])
+    for p in paths:
+        if p.is_file():
+            return read_json(p)
+    return None
+
+
+def _row(label: str, results: dict, source: Path, record: dict | None,
+         chat: Path | None = None) -> Row:
+    score = read_json(chat).get("score") if chat is not None and chat.is_file() else None
+    if record is not None:
+        return Row(label, str(record.get("method", "?")), _settings(record), results, str(source),
+                   score)
+    return Row(label, "base", "", results, str(source), score)
+
+
+def load_runs(paths: list[str | Path]) -> list[Row]:
+    """Rows of every RUN_DIR, base rows of the same model and settings shown once."""
+    rows: list[Row] = []
+    bases: dict[str, Row] = {}
+    for p in map(Path, paths):
+        base_file, unl_file = p / "eval_base" / RESULTS, p / "eval_unlearned" / RESULTS
+        if base_file.is_file() or unl_file.is_file():
+            if base_file.is_file():
+                results = _read(base_file)
+                key = json.dumps([results.get("config", {}).get("model"),
+                                  results.get("fingerprint"), sorted(results["results"])])
+                bases.setdefault(key, _row(p.name, results, base_file, None,
+                                           p / "chat_base" / "chat_results.json"))
+            if unl_file.is_file():
+                results = _read(unl_file)
+                record = _record_of(results, p / "unlearned" / UNLEARN_RECORD)
+                rows.append(_row(p.name, results, unl_file, record,
+                                 p / "chat_unlearned" / "chat_results.json"))
+        elif (p / RESULTS).is_file():
+            results = _read(p / RESULTS)
+            rows.append(_row(p.name, results, p / RESULTS, _record_of(results)))
+        else:
+            raise WmdpError(f"{p}: no results found (expected {RESULTS}, or a run directory "
+                            f"with eval_base/{RESULTS} and eval_unlearned/{RESULTS})")
+    for i, b in enumerate(bases.values()):  # base rows first: the reference line of the table
+        b.label = "base" if len(bases) == 1 else f"base ({b.label})"
+        rows.insert(i, b)
+    return rows
+
+
+# -- columns --------------------------------------------------------------------------------------
+def _entries(results: dict) -> dict[str, dict]:
+    return {**results["results"], **results["groups"]}
+
+
+def _leaves(name: str, groups: dict[str, list[str]]) -> list[str]:
+    if name not in groups:
+        return [name]
+    return [t for m in groups[name] for t in _leaves(m, groups)]
+
+
+def _below(name: str, groups: dict[str, list[str]]) -> set[str]:
+    """Every group and task inside `name`."""
+    return {x for m in groups.get(name, []) for x in (m, *_below(m, groups))}
+
+
+def columns(rows: list[Row], forget: list[str] | tuple[str, ...] = DEFAULT_FORGET,
+            tasks: list[str] | None = None, metric: str = "acc") -> dict[str, list[str]]:
+    """The forget, general and perplexity columns, in order, and the top-level ones of each
+    side, which the plot averages (see the module docstring)."""
+    groups: dict[str, list[str]] = {}
+    kinds: dict[str, str] = {}   # name -> "mcq" or "ppl", in order of first appearance
+    for r in rows:
+        for name, e in r.results["groups"].items():
+            groups.setdefault(name, list(e.get("members", [])))
+        for name, e in _entries(r.results).items():
+            if name not in kinds:
+                ppl = e.get("kind") == "perplexity" or (metric not in e and PPL_METRIC in e)
+                kinds[name] = "ppl" if ppl else "mcq"
+
+    def side(name: str) -> str:
+        names = (name, *_leaves(name, groups))
+        hit = [any(fnmatch.fnmatchcase(n, p) for p in forget) for n in names]
+        return "forget" if hit[0] or all(hit[1:]) else "general" if not any(hit) else "mixed"
+
+    if tasks is not None:
+        unknown = [t for t in tasks if t not in kinds]
+        if unknown:
+            raise WmdpError(f"--tasks: {unknown[0]!r} is in no run's results "
+                            f"(found: {', '.join(kinds)})")
+        mcq = [n for n in tasks if kinds[n] == "mcq"]
+        chosen = {"forget": [n for n in mcq if side(n) != "general"],
+                  "general": [n for n in mcq if side(n) == "general"]}
+        return {**chosen, "perplexity": [n for n in tasks if kinds[n] == "ppl"],
+                "top_forget": chosen["forget"], "top_general": chosen["general"]}
+    out: dict[str, list[str]] = {"perplexity": [n for n, k in kinds.items() if k == "ppl"]}
+    for which in ("forget", "general"):
+        names = [n for n, k in kinds.items() if k == "mcq" and side(n) == which]
+        inner = {m for n in names for m in _below(n, groups)}
+        top = [n for n in names if n not in inner]
+        shown: list[str] = []
+        for n in top:  # a top group, then what is inside it: all for forget, members for general
+            inside = _below(n, groups) if which == "forget" else set(groups.get(n, []))
+            shown += [n] + [m for m in names if m in inside and m not in shown]
+        out[which], out[f"top_{which}"] = shown, top
+    return out
+
+
+# -- the table ------------------------------------------------------------------------------------
+def _value(results: dict, name: str, metric: str) -> dict | None:
+    e = _entries(results).get(name)
+    if e is None:
+        return None
+    if metric in e:
+        return {"value": e[metric], "stderr": e.get(f"{metric}_stderr"), "n": e.get("n")}
+    if PPL_METRIC in e:
+        return {"value": e[PPL_METRIC], "stderr": None, "n": e.get("n")}
+    return None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
+
+
+def comparison(rows: list[Row], forget: list[str] | tuple[str, ...] = DEFAULT_FORGET,
+               tasks: list[str] | None = None, metric: str = "acc") -> dict:
+    """The whole comparison as plain data: columns, and per row its values and summaries."""
+    cols = columns(rows, forget, tasks, metric)
+    out_rows = []
+    for r in rows:
+        values = {n: _value(r.results, n, metric)
+                  for n in cols["forget"] + cols["general"] + cols["perplexity"]}
+        out_rows.append({"label": r.label, "method": r.method, "settings": r.settings,
+                         "source": r.source, "values": values, "chat_score": r.chat,
+                         "forget_acc": _mean([_get(values, n) for n in cols["top_forget"]]),
+                         "general_acc": _mean([_get(values, n) for n in cols["top_general"]])})
+    return {"metric": metric, "forget_patterns": list(forget), "columns": cols, "rows": out_rows,
+            "chat": any(r.chat is not None for r in rows)}
+
+
+def _get(values: dict, name: str) -> float | None:
+    v = values.get(name)
+    return None if v is None else v["value"]
+
+
+def _pct(v: dict | None) -> str:
+    return "" if v is None or v["value"] is None else f"{100 * v['value']:.1f}"
+
+
+def _ppl(v: dict | None) -> str:
+    if v is None or v["value"] is None or not math.isfinite(v["value"]):
+        return "" if v is None else str(v["value"])
+    return f"{v['value']:.2f}" if v["value"] < 1e4 else f"{v['value']:.4g}"
+
+
+def format_markdown(table: dict) -> str:
+    """The paper's Table 1 layout: one row per run, accuracy in percent, perplexity as is."""
+    cols = table["columns"]
+    chat = ["chat score"] if table.get("chat") else []
+    head = ["run", "method", "settings"] + cols["forget"] + cols["general"] + chat + \
+        [f"{n} ({PPL_METRIC})" for n in cols["perplexity"]]
+    align = ["---", "---", "---"] + ["---:"] * (len(head) - 3)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    for r in table["rows"]:
+        v = r["values"]
+        cells = [r["label"], r["method"], r["settings"]] + \
+            [_pct(v[n]) for n in cols["forget"] + cols["general"]] + \
+            ([_ppl({"value": r["chat_score"]}) if r["chat_score"] is not None else ""]
+             if chat else []) + [_ppl(v[n]) for n in cols["perplexity"]]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    groups = ", ".join(cols["forget"]) or "none"
+    lines.append(f"\n{table['metric']} in percent. Forget columns: {groups}; "
+                 f"general: {', '.join(cols['general']) or 'none'}."
+                 + (" Chat score: judged 1-10 (MT-Bench style)." if chat else ""))
+    return "\n".join(lines)
+
+
+def plot(table: dict, path: str | Path, chance: float | None = 0.25) -> None:
+    """Forget accuracy against general accuracy, one labelled point per row (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 5.4), dpi=120)
+    methods = dict.fromkeys(r["method"] for r in table["rows"] if r["method"] != "base")
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    shown: set[str] = set()
+    for r in table["rows"]:
+        x, y = r["general_acc"], r["forget_acc"]
+        if x is None or y is None:
+            continue
+        base = r["method"] == "base"
+        ax.scatter(100 * x, 100 * y, marker="*" if base else "o", s=160 if base else 36,
+                   color="black" if base else colours[r["method"]], zorder=3,
+                   label=None if r["method"] in shown else r["method"])
+        shown.add(r["method"])
+        ax.annotate(r["label"], (100 * x, 100 * y), textcoords="offset points", xytext=(4, 3),
+                    fontsize=6, alpha=0.8)
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", ls="--", lw=0.8,
+                   label=f"chance ({100 * chance:.0f}%)")
+    ax.legend(loc="best", fontsize=7)
+    cols = table["columns"]
+    ax.set_xlabel(f"general {table['metric']} (%): mean of {', '.join(cols['top_general'])}")
+    ax.set_ylabel(f"forget {table['metric']} (%): mean of {', '.join(cols['top_forget'])}")
+    ax.set_title("Unlearning: forget vs general accuracy (lower right is better)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_compare(paths: list[str | Path], output: str | Path | None = None,
+                forget: list[str] | None = None, tasks: list[str] | None = None,
+                metric: str = "acc") -> dict:
+    """The `wmdp compare` command: read runs, build the table; with `output`, write
+    compare.md, compare.json and compare.png there."""
+    if not paths:
+        raise WmdpError("no run directories given")
+    table = comparison(load_runs(paths), tuple(forget or DEFAULT_FORGET), tasks, metric)
+    table["markdown"] = format_markdown(table)
+    if output is not None:
+        out = Path(output)
+        if out.exists() and not out.is_dir():
+            raise WmdpError(f"{out}: output path exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "compare.md", table["markdown"] + "\n")
+        write_json(out / "compare.json", {k: v for k, v in table.items() if k != "markdown"})
+        plot(table, out / "compare.png")
+    return table
+
+
+__all__ = ["DEFAULT_FORGET", "Row", "load_runs", "columns", "comparison", "format_markdown",
+           "plot", "run_compare"]

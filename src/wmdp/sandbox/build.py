@@ -1,0 +1,235 @@
+"""`wmdp sandbox build`: the world's data, a tokenizer, and a tiny model that knows the world.
+
+    wmdp sandbox build --output sandbox                   # default preset, ~5 min on 2 cores
+    wmdp sandbox build --output sandbox-small --preset small --seed 3 train.epochs=40
+
+    manifest = build_sandbox("sandbox", sandbox_config("small", seed=0))
+
+The output directory:
+
+    build.json          the full config and its fingerprint (a rerun with the same config resumes)
+    data/               corpora, MCQ files, tasks.json, world.json, manifest.json (see data.py)
+    model/              LlamaForCausalLM + tokenizer (safetensors), for wmdp.models.load_model
+    train/log.jsonl     loss and per-task cloze accuracy per epoch
+    eval/               results.json and samples of the finished model on every sandbox task
+
+While training, `train/` also holds `checkpoint.pt` (model and optimizer after the last finished
+epoch) and the tokenizer; an interrupted build continues from there and removes them at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wmdp.config import apply_overrides, from_dict, load_yaml, to_dict
+from wmdp.errors import WmdpError
+from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_file, sha256_json,
+                     write_json)
+from wmdp.sandbox.data import TRAIN_QA, training_texts, write_data
+from wmdp.sandbox.train import CHECKPOINT, ModelConfig, TrainConfig, Trainer, train_tokenizer
+from wmdp.sandbox.world import DOMAINS, WorldConfig, make_world
+
+BUILD = "build.json"
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1  # bump when the same config would build different files
+
+
+@dataclass
+class SandboxConfig:
+    """Everything that decides what a build writes; the `default` preset's values."""
+
+    preset: str = "default"
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    vocab_size: int = 1536            # byte-level BPE: 256 bytes, 2 special tokens, merges
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},  # 750 facts, a 1.2M-parameter model
+    # 300 facts (every domain, 20 entities, 3 attributes), a 0.3M-parameter model, ~1.5 minutes
+    "small": {
+        "world": {"entities_per_domain": 20, "attributes_per_domain": 3,
+                  "values_per_attribute": 6, "docs_per_entity": 5},
+        "vocab_size": 768,
+        "model": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
+                  "num_attention_heads": 4, "num_key_value_heads": 4},
+        "train": {"epochs": 40, "batch_size": 16},
+    },
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def sandbox_config(preset: str = "default", seed: int = 0, path: str | Path | None = None,
+                   overrides: list[str] | None = None) -> SandboxConfig:
+    """A preset, then a YAML file's settings, then `key=value` overrides (`train.epochs=30`)."""
+    if preset not in PRESETS:
+        raise WmdpError(f"sandbox preset {preset!r} is not one of {', '.join(PRESETS)}")
+    data = _merge(PRESETS[preset], {"preset": preset, "seed": seed})
+    where = "sandbox config"
+    if path is not None:
+        data, where = _merge(data, load_yaml(path)), str(path)
+    config = from_dict(SandboxConfig, apply_overrides(data, overrides or []), where)
+    _check(config, where)
+    return config
+
+
+def _check(config: SandboxConfig, where: str) -> None:
+    w = config.world
+    known = {d.name for d in DOMAINS}
+    problems = [
+        (not set(w.domains) <= known,
+         f"world.domains holds an unknown domain (known: {', '.join(sorted(known))})"),
+        (not {"bio", "cyber"} & set(w.domains),
+         "world.domains has no hazard-proxy domain (bio, cyber)"),
+        (w.values_per_attribute < 4,
+         f"world.values_per_attribute is {w.values_per_attribute}, expected at least 4"),
+        (not 1 <= w.attributes_per_domain <= 5,
+         f"world.attributes_per_domain is {w.attributes_per_domain}, expected 1-5"),
+        (not 0 < round(w.seen_fraction * w.entities_per_domain) < w.entities_per_domain,
+         "world.seen_fraction leaves no seen or no held-out entity"),
+        (w.docs_per_entity < 1, "world.docs_per_entity must be at least 1"),
+        (config.train.epochs < 1, "train.epochs must be at least 1"),
+        (config.vocab_size < 260, f"vocab_size is {config.vocab_size}, expected at least 260"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise WmdpError(f"{where}: {message}")
+
+
+def fingerprint(config: SandboxConfig) -> str:
+    return sha256_json({"format_version": FORMAT_VERSION, "config": to_dict(config)})
+
+
+def build_sandbox(output: str | Path, config: SandboxConfig | None = None,
+                  overwrite: bool = False, progress: bool = True) -> dict:
+    """Build (or finish building) a sandbox in `output`; returns its manifest."""
+    import torch
+
+    config = config or sandbox_config()
+    t0 = time.perf_counter()
+    fp = fingerprint(config)
+    out = prepare_output_dir(output, overwrite, BUILD, fp)
+    data_dir, model_dir, train_dir = out / "data", out / "model", out / "train"
+    if (data_dir / MANIFEST).is_file() and (model_dir / "model.safetensors").is_file():
+        return read_json(data_dir / MANIFEST)  # already built with this config
+    write_json(out / BUILD, {"fingerprint": fp, "format_version": FORMAT_VERSION,
+                             "config": to_dict(config)})
+    resumed = (train_dir / CHECKPOINT).is_file()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.train.threads)
+    try:
+        manifest = _build(out, config, progress)
+    finally:
+        torch.set_num_threads(threads)
+    manifest["build"].update(seconds=round(time.perf_counter() - t0, 1), resumed=resumed)
+    write_json(data_dir / MANIFEST, manifest)
+    (train_dir / CHECKPOINT).unlink(missing_ok=True)
+    shutil.rmtree(train_dir / "tokenizer", ignore_errors=True)
+    return manifest
+
+
+def _build(out: Path, config: SandboxConfig, progress: bool) -> dict:
+    import torch
+
+    data_dir, model_dir, train_dir = out / "data", out / "model", out / "train"
+    world = make_world(config.world, config.seed)
+    data_files = write_data(world, data_dir)  # deterministic: a resume rewrites the same bytes
+    texts = training_texts(data_dir, config.world.qa_repeats)
+    tokenizer = _tokenizer(texts, config.vocab_size, train_dir / "tokenizer")
+    trainer = Trainer(config.model, config.train, texts, tokenizer, train_dir, data_dir,
+                      config.seed, progress=progress)
+    log = trainer.train()
+
+    trainer.model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    results = _final_eval(model_dir, data_dir, out / "eval")
+    manifest = {
+        "seed": config.seed, "preset": config.preset, "fingerprint": fingerprint(config),
+        "counts": _counts(world, data_dir, texts, tokenizer, trainer),
+        "files": {name: sha256_file(data_dir / name) for name in sorted(data_files)},
+        "model": {"parameters": sum(p.numel() for p in trainer.model.parameters()),
+                  "files": {p.name: sha256_file(p) for p in sorted(model_dir.iterdir())}},
+        "accuracy": {name: {k: r[k] for k in ("acc", "acc_norm", "n") if k in r}
+                     for part in ("groups", "results") for name, r in results[part].items()},
+        "final_loss": log[-1]["loss"],
+        "build": {"train_seconds": round(sum(r["seconds"] for r in log), 1),
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "torch_threads": torch.get_num_threads(), "versions": library_versions()},
+    }
+    return manifest
+
+
+def _tokenizer(texts: list[str], vocab_size: int, saved: Path) -> Any:
+    """Train the tokenizer once; a resumed build reloads it (the checkpoint's ids are its ids)."""
+    if saved.is_dir():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(saved)
+    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def _final_eval(model_dir: Path, data_dir: Path, eval_dir: Path) -> dict:
+    """Every sandbox task, cloze and letter, on the saved model loaded the way users load it."""
+    from wmdp.evaluate import EvalConfig, evaluate_model
+    from wmdp.models import load_model
+    from wmdp.tasks import Registry
+
+    model, tokenizer = load_model(model_dir, dtype="float32", device="cpu")
+    shutil.rmtree(eval_dir, ignore_errors=True)
+    config = EvalConfig(model=str(model_dir), data_dir=str(data_dir), dtype="float32",
+                        device="cpu", batch_size=64)
+    return evaluate_model(model, tokenizer, ["sandbox", "sandbox_letter"],
+                          Registry.build(data_dir), config=config, output=eval_dir,
+                          progress=False)
+
+
+def _counts(world, data_dir: Path, texts: list[str], tokenizer: Any, trainer: Trainer) -> dict:
+    from wmdp.data.corpus import load_corpus
+    from wmdp.data.mcq import load_mcq_file
+
+    corpora = {p.name: len(load_corpus(p).texts)
+               for p in sorted(data_dir.glob("*.jsonl")) if not p.name.startswith("sandbox_")}
+    return {"facts": len(world.facts), "seen_facts": sum(f.seen for f in world.facts),
+            "entities": {d: len(e) for d, e in world.entities.items()},
+            "attributes_per_domain": world.config.attributes_per_domain,
+            "questions": {p.stem: len(load_mcq_file(p))
+                          for p in sorted(data_dir.glob("sandbox_*.jsonl"))},
+            "texts": corpora, "training_texts": len(texts),
+            "training_tokens_per_epoch": sum(len(e) for e in trainer.examples),
+            "vocab_size": len(tokenizer), "steps": trainer.total_steps,
+            "train_qa_file": TRAIN_QA}
+
+
+def describe(manifest: dict) -> str:
+    """A table of each domain's accuracy: held-out and seen facts (cloze), held-out (letter)."""
+    acc = manifest["accuracy"]
+    lines = ["| domain | held-out acc | seen acc | letter acc |", "|---|---:|---:|---:|"]
+    names = [n.removeprefix("sandbox_") for n in acc if n.startswith("sandbox_")
+             and not n.endswith(("_seen", "_letter"))
+             and n not in ("sandbox_forget", "sandbox_general")]
+    for name in ["forget", "general"] + names:
+        base = f"sandbox_{name}"
+        lines.append(f"| {name} | " + " | ".join(
+            f"{acc[n]['acc']:.3f}" if n in acc else "" for n in
+            (base, f"{base}_seen", f"{base}_letter")) + " |")
+    b = manifest["build"]
+    lines.append(f"\nseed {manifest['seed']}, preset {manifest['preset']}: "
+                 f"{manifest['counts']['facts']} facts, {manifest['model']['parameters']:,} "
+                 f"parameters, built in {b['seconds']:.0f} s (training {b['train_seconds']:.0f} s, "
+                 f"{b['torch_threads']} thread(s))")
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""What the baselines that train on language-model losses share: the token-level losses, which
+tensors train, the original model's outputs without a second model, and the optimizer.
+
+    logits = self.logits(inputs)                        # (B, T, V), one forward
+    nll = mean_nll(logits, inputs)                      # mean over the batch's real next tokens
+    logp = sequence_logprob(logits, inputs)             # (B,) log p(text): NPO's log pi(y|x)
+    with self.original():                               # the trained tensors' original values
+        ref = self.logits(inputs)
+    kl = token_kl(ref, logits, inputs, temperature=1)   # mean over real positions of KL(ref || now)
+
+Padding never counts: the prediction at position t of x[t+1] is scored only when both tokens are
+real (`next_token_mask`), so a text's loss is the same alone or in a left-padded batch; the first
+token of a text is never predicted (there is no context for it).
+
+Which tensors train (`params`): `all` (every parameter, full fine-tuning, the baselines' papers'
+setting), `layers` (every parameter of the decoder blocks `layer_ids`), or `mlp_out` (the MLP
+output projections of `layer_ids`, RMU's choice). Memory: full fine-tuning with AdamW holds the
+gradients and two moments of every parameter; LLMU and SCRUB also keep a copy of the trained
+tensors' original values (for `all`, a second copy of the model on the same device; no second
+model object or forward graph). `layers`/`mlp_out` shrink both to the chosen blocks.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wmdp.errors import WmdpError
+from wmdp.layers import swapped
+from wmdp.models import TrainedTensor, arch_of, decoder_layers, input_device, mlp_out_tensor
+from wmdp.unlearn.batches import TopicBatches, tokenize, training_tokenizer
+from wmdp.unlearn.rmu import WMDP_FORGET
+
+PARAMS = ("all", "layers", "mlp_out")
+
+
+# -- token-level losses ------------------------------------------------------------------------
+def next_token_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T-1): 1 where position t (real) predicts a real token x[t+1]."""
+    am = inputs["attention_mask"]
+    return (am[:, :-1] * am[:, 1:]).float()
+
+
+def token_logprobs(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T-1): log p(x[t+1] | x[<=t]) in float32, padding not yet masked."""
+    targets = inputs["input_ids"][:, 1:]
+    logp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                            reduction="none")
+    return logp.view(targets.shape)
+
+
+def mean_nll(logits: torch.Tensor, inputs: dict[str, torch.Tensor],
+             target_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood over the batch's real next tokens (and `target_mask`'s)."""
+    mask = next_token_mask(inputs)
+    if target_mask is not None:
+        mask = mask * target_mask
+    return -(token_logprobs(logits, inputs) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def sequence_logprob(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,): the summed log-likelihood of each text."""
+    return (token_logprobs(logits, inputs) * next_token_mask(inputs)).sum(-1)
+
+
+def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, inputs: dict[str, torch.Tensor],
+             temperature: float = 1.0) -> torch.Tensor:
+    """Mean over real positions of KL(p_ref || p) of the next-token distributions, both at
+    `temperature`, times temperature^2 (the distillation convention, Hinton et al. 2015)."""
+    ref = F.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)   # (B, T-1, V)
+    now = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    kl = (ref.exp() * (ref - now)).sum(-1)                                     # (B, T-1)
+    mask = next_token_mask(inputs)
+    return (kl * mask).sum() / mask.sum().clamp(min=1.0) * temperature ** 2
+
+
+# -- which tensors train ------------------------------------------------------------------------
+def select_tensors(model: nn.Module, params: str, layer_ids: list[int]) -> list[TrainedTensor]:
+    """The tensors a method trains (see the module docstring); `layer_ids` empty: every block."""
+    if params not in PARAMS:
+        raise WmdpError(f"params {params!r} is not one of {', '.join(PARAMS)}")
+    if params == "all":
+        if layer_ids:
+            raise WmdpError(f"layer_ids {layer_ids} given with params=all; use params=layers "
+                            "or params=mlp_out to train only those blocks")
+        return [TrainedTensor(n, p) for n, p in model.named_parameters()]
+    layers = decoder_layers(model)
+    ids = list(layer_ids) if layer_ids else list(range(len(layers)))
+    bad = [i for i in ids if not 0 <= i < len(layers)]
+    if bad:
+        raise WmdpError(f"layer_ids {bad} out of range: the model has {len(layers)} layers")
+    if params == "mlp_out":
+        tensors = [mlp_out_tensor(model, i) for i in ids]
+        if any(t.index is not None for t in tensors):
+            raise WmdpError("params=mlp_out trains a slice of a fused expert tensor here "
+                            "(Mixtral); use params=layers")
+        return tensors
+    prefix = arch_of(model).layers
+    return [TrainedTensor(f"{prefix}.{i}.{n}", p) for i in ids
+            for n, p in layers[i].named_parameters()]
+
+
+# -- the shared setup ---------------------------------------------------------------------------
+class LMMethod:
+    """Setup, tokenisation, originals and optimizer of the LM-loss baselines.
+
+    A subclass sets `name`, says whether it needs the original values (`keeps_originals`), and
+    writes `loss(step)`. Its config has the fields `lr`, `max_length`, `params`, `layer_ids`.
+    """
+
+    name = ""
+    keeps_originals = False   # LLMU, SCRUB: outputs of the original model, by swapping values
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.tensors: list[TrainedTensor] = []
+        self.originals: list[torch.Tensor] = []
+
+    def setup(self, model: nn.Module, tokenizer: Any, schedule: TopicBatches, seed: int) -> None:
+        c = self.config
+        self.model, self.device = model, input_device(model)
+        self.tokenizer = training_tokenizer(tokenizer)
+        self.schedule, self.seed = schedule, seed
+        model.eval()  # no dropout, as RMU (zephyr, Yi and Mixtral have none)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.tensors = select_tensors(model, c.params, c.layer_ids)
+        for t in self.tensors:
+            t.param.requires_grad_(True)
+        self.originals = ([t.view().detach().clone() for t in self.tensors]
+                          if self.keeps_originals else [])
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        return tokenize(self.tokenizer, texts, max_length or self.config.max_length, self.device)
+
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**inputs, use_cache=False).logits
+
+    @contextmanager
+    def original(self) -> Iterator[None]:
+        """The original model, without gradients: trained tensors' first values swapped in."""
+        if not self.keeps_originals:
+            raise WmdpError(f"{self.name} keeps no original values")
+        with torch.no_grad(), swapped(self.tensors, self.originals):
+            yield
+
+    def make_optimizer(self) -> Any:
+        """AdamW on the trained tensors (the baselines' papers' optimizer), no weight decay."""
+        return torch.optim.AdamW([t.param for t in self.tensors], lr=self.config.lr,
+                                 weight_decay=0.0)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, metrics: dict[str, float]) -> None:
+    """The loop's NaN guard, for a loss a method steps on by itself (SCRUB's max step)."""
+    if not torch.isfinite(value).all():
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        raise WmdpError(f"step {step}: {what} is {value.item()} ({shown}); stopping without "
+                        "writing a model (lower the learning rate or the coefficients)")
+
+
+# -- presets every baseline shares --------------------------------------------------------------
+# zephyr-7b: the WMDP paper's setup (its RMU run: the WMDP forget corpora, wikitext retain text,
+# batches of 4, 150 steps, bf16) with the method's own published defaults, not the paper's tuned
+# baseline values (its appendix's settings could not be retrieved here; SCRUB's lr is lowered).
+# sandbox: the offline sandbox (model and corpora given on the command line); the method's value
+# is the point of benchmarks/baselines_sandbox.py's sweep with the largest general - forget
+# accuracy on the default sandbox (seed 0).
+ZEPHYR_7B_CONFIG = {"model": "HuggingFaceH4/zephyr-7b-beta",
+                    "forget_corpora": list(WMDP_FORGET),
+                    "retain_corpora": ["wikitext", "wikitext"], "batch_size": 4,
+                    "max_num_batches": 150, "seed": 42, "dtype": "bfloat16"}
+SANDBOX_CONFIG = {"batch_size": 4, "max_num_batches": 150, "seed": 42}
+
+
+def presets(method: str, zephyr: dict[str, Any], sandbox: dict[str, Any]) -> dict[str, dict]:
+    """`zephyr-7b` and `sandbox` presets of `method` in the registry's layout."""
+    return {"zephyr-7b": {"config": dict(ZEPHYR_7B_CONFIG), method: dict(zephyr)},
+            "sandbox": {"config": dict(SANDBOX_CONFIG), method: dict(sandbox)}}
+
+
+__all__ = ["PARAMS", "next_token_mask", "token_logprobs", "mean_nll", "sequence_logprob",
+           "token_kl", "select_tensors", "LMMethod", "check_finite", "presets"]
