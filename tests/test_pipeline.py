@@ -162,3 +162,16 @@ def test_gpu_recipes_parse_and_resolve(name):
 
     _, hp, uc = resolve("rmu", preset=cfg.unlearn.preset, settings={"output": "x"})
     assert uc.seed == 42 and uc.retain_corpora == ["wikitext", "wikitext"]
+
+
+def test_config_overrides_unknown_keys_and_exponents():
+    from wmdp.errors import WmdpError
+
+    cfg = load_run_config(None, ["unlearn.settings.rmu.lr=1e-4", "eval.limit=5"])
+    assert cfg.eval.limit == 5 and cfg.unlearn.settings == {"rmu": {"lr": 1e-4}}
+    from wmdp.unlearn import resolve
+
+    _, hp, _ = resolve("rmu", preset="sandbox", overrides=["rmu.lr=1e-4", "rmu.alpha=[3e2]"])
+    assert hp.lr == 1e-4 and hp.alpha == [300.0]
+    with pytest.raises(WmdpError, match="unknown key 'nope'"):
+        load_run_config(None, ["eval.nope=1"])

@@ -21,12 +21,31 @@ from wmdp.errors import WmdpError
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's numbers: `1e-4` is a float (PyYAML's 1.1 rules read a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    __import__("re").compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", __import__("re").X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text (safe: no objects), numbers as YAML 1.2 reads them."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WmdpError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -48,7 +67,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise WmdpError(f"override {item!r} is not of the form key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = data
@@ -152,7 +171,7 @@ def _flag_parser(tp: Any):
         return parse_list
 
     def parse_yaml(value: str) -> Any:
-        return yaml.safe_load(value)
+        return yaml_load(value)
 
     parse_yaml.__name__ = "YAML"
     return parse_yaml

@@ -20,9 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from wmdp.config import to_dict
+from wmdp.config import to_dict, yaml_load
 from wmdp.errors import WmdpError
 from wmdp.io import atomic_write_text, prepare_output_dir, read_json, sha256_json, write_json
 from wmdp.pipeline import STAGES, Pipeline, RunConfig
@@ -38,7 +36,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise WmdpError(f"--grid {item!r} is not of the form key=v1,v2,...")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+        grid[key] = [yaml_load(v) for v in values.split(",") if v.strip()]
     return grid
 
 
