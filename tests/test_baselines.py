@@ -363,7 +363,7 @@ def test_mistral_tokenizer_random_completions(tmp_path):
 def test_bad_settings_fail_with_a_message(tmp_path, char_model, capsys):
     files = _corpora(tmp_path)
     assert _run("ga", char_model, tmp_path / "a", files, "--params", "some") == 2
-    assert "params 'some' is not one of all, layers, mlp_out" in capsys.readouterr().err
+    assert "params 'some' is not one of mlp_out, mlp, layers, all" in capsys.readouterr().err
     assert _run("ga", char_model, tmp_path / "b", files, "--layer-ids", "1") == 2
     assert "use params=layers" in capsys.readouterr().err
     assert _run("ssd", char_model, tmp_path / "c", files, "--original", "both") == 2

@@ -232,3 +232,30 @@ def test_unknown_architecture_fails_clearly(tmp_path):
     model.config.model_type = "mystery"
     with pytest.raises(WmdpError, match="model type 'mystery' is not known"):
         mlp_out_tensor(model, 0)
+
+
+def test_epochs_repeat_the_reference_schedule():
+    f = [Corpus(f"f{i}", texts(10, i), "t") for i in range(2)]
+    r = [Corpus("r", texts(20, 9), "t")] * 2
+    one = TopicBatches(f, r, batch_size=2, max_num_batches=7)
+    three = TopicBatches(f, r, batch_size=2, max_num_batches=7, epochs=3)
+    assert len(one) == 5 and len(three) == 15  # min(7, 10/2 forget batches, 20/2 retain)
+    assert [one[i].topic for i in range(5)] == [0, 1, 0, 1, 0]
+    assert one[3].forget == f[1].texts[2:4]  # step 3: topic 1, its batch 1
+    for i in range(15):
+        assert (three[i].topic, three[i].forget, three[i].retain) == \
+            (one[i % 5].topic, one[i % 5].forget, one[i % 5].retain)
+
+
+def test_select_tensors_by_role(tmp_path):
+    from wmdp.models import select_tensors
+
+    model, _ = _load(save_tiny_model(tmp_path / "m", "llama", MISTRAL_TOK, layers=3))
+    names = lambda role, ids: [t.name for t in select_tensors(model, role, ids)]  # noqa: E731
+    assert names("mlp_out", [1]) == ["model.layers.1.mlp.down_proj.weight"]
+    assert names("mlp", [2]) == [f"model.layers.2.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    block = [f"model.layers.0.{n}" for n, _ in decoder_layers(model)[0].named_parameters()]
+    assert names("layers", [0]) == block and len(block) > 3
+    assert len(names("all", [])) == len(list(model.parameters()))
+    with pytest.raises(WmdpError, match="layer_ids \\[5\\] out of range"):
+        select_tensors(model, "mlp", [5])

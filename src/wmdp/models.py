@@ -96,6 +96,38 @@ def mlp_out_tensor(model: nn.Module, layer_id: int) -> TrainedTensor:
     return TrainedTensor(f"{prefix}.weight", module.weight)
 
 
+PARAM_ROLES = ("mlp_out", "mlp", "layers", "all")
+
+
+def select_tensors(model: nn.Module, role: str, layer_ids: list[int]) -> list[TrainedTensor]:
+    """The tensors to train, by role, in blocks `layer_ids` (empty: every block):
+
+    `mlp_out` the MLP output projections (RMU's choice), `mlp` every weight of the blocks' MLPs,
+    `layers` every parameter of the blocks, `all` every parameter of the model (no layer_ids).
+    """
+    if role not in PARAM_ROLES:
+        raise WmdpError(f"params {role!r} is not one of {', '.join(PARAM_ROLES)}")
+    if role == "all":
+        if layer_ids:
+            raise WmdpError(f"layer_ids {layer_ids} given with params=all; use params=layers, "
+                            "mlp or mlp_out to train only those blocks")
+        return [TrainedTensor(n, p) for n, p in model.named_parameters()]
+    arch = arch_of(model)
+    layers = _get(model, arch.layers)
+    ids = list(layer_ids) if layer_ids else list(range(len(layers)))
+    bad = [i for i in ids if not 0 <= i < len(layers)]
+    if bad:
+        raise WmdpError(f"layer_ids {bad} out of range: the model has {len(layers)} layers")
+    if role == "mlp_out":
+        return [mlp_out_tensor(model, i) for i in ids]
+    sub = arch.mlp_out.rpartition(".")[0] if role == "mlp" else ""
+    if role == "mlp" and not sub:
+        raise WmdpError(f"params=mlp: the MLP of model type {model.config.model_type!r} is not "
+                        "one module; use params=layers or mlp_out")
+    return [TrainedTensor(f"{arch.layers}.{i}.{sub + '.' if sub else ''}{n}", p) for i in ids
+            for n, p in (_get(layers[i], sub) if sub else layers[i]).named_parameters()]
+
+
 def model_max_length(model: nn.Module, tokenizer: Any, default: int = 2048) -> int:
     """The context length lm-eval uses: the model config's, else the tokenizer's, else 2048."""
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):

@@ -36,7 +36,7 @@ from wmdp.sandbox.world import DOMAINS, WorldConfig, make_world
 
 BUILD = "build.json"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1  # bump when the same config would build different files
+FORMAT_VERSION = 2  # bump when the same config would build different files (2: balanced values)
 
 
 @dataclass

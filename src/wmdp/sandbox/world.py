@@ -217,11 +217,23 @@ def make_world(config: WorldConfig, seed: int) -> World:
         for a in world.attributes(d.name):
             world.pools[d.name, a.name] = [words.value(a.shape)
                                            for _ in range(config.values_per_attribute)]
+        # Every value of a pool is the answer equally often (within one), in the seen and in the
+        # held-out half alike: the values' frequencies carry no hint, so a model that lost an
+        # entity's facts falls to chance (25%), not to a guess of the commonest value.
+        assigned = {a.name: _balanced(world.pools[d.name, a.name], n_seen, rng)
+                    + _balanced(world.pools[d.name, a.name], len(entities[d.name]) - n_seen, rng)
+                    for a in world.attributes(d.name)}
         for i, e in enumerate(entities[d.name]):
             for a in world.attributes(d.name):
-                world.facts.append(Fact(d.name, e, a.name, rng.choice(world.pools[d.name, a.name]),
-                                        seen=i < n_seen))
+                world.facts.append(Fact(d.name, e, a.name, assigned[a.name][i], seen=i < n_seen))
     return world
+
+
+def _balanced(pool: list[str], n: int, rng: random.Random) -> list[str]:
+    """`n` values from `pool`, each used floor(n/k) or ceil(n/k) times, in random order."""
+    values = pool * (n // len(pool)) + rng.sample(pool, n % len(pool))
+    rng.shuffle(values)
+    return values
 
 
 # --- texts and questions -----------------------------------------------------------------

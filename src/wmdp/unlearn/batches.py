@@ -3,7 +3,8 @@
 Each corpus is a list of texts; consecutive chunks of `batch_size` texts are its batches (no
 shuffling; the last chunk may be short). Step `idx` uses topic `idx % n_topics` and batch
 `idx // n_topics` of that topic's forget corpus and of its retain corpus, and the run has
-`min(max_num_batches, shortest forget, shortest retain)` steps (counted in batches).
+`min(max_num_batches, shortest forget, shortest retain)` steps (counted in batches), repeated
+`epochs` times (the reference runs one epoch).
 """
 
 from __future__ import annotations
@@ -34,27 +35,29 @@ class TopicBatches:
     """The step schedule of an unlearning run over paired forget/retain corpora."""
 
     def __init__(self, forget: list[Corpus], retain: list[Corpus], batch_size: int,
-                 max_num_batches: int) -> None:
+                 max_num_batches: int, epochs: int = 1) -> None:
         if not forget:
             raise WmdpError("no forget corpus given")
         if len(retain) != len(forget):
             raise WmdpError(f"{len(forget)} forget corpora but {len(retain)} retain corpora: "
                             "give one retain corpus per forget corpus")
-        if batch_size < 1 or max_num_batches < 1:
-            raise WmdpError("batch_size and max_num_batches must be positive")
+        if batch_size < 1 or max_num_batches < 1 or epochs < 1:
+            raise WmdpError("batch_size, max_num_batches and epochs must be positive")
         self.forget = [chunk(c.texts, batch_size) for c in forget]
         self.retain = [chunk(c.texts, batch_size) for c in retain]
         self.n_topics = len(forget)
         self.num_batches = min(max_num_batches, *(len(b) for b in self.forget),
                                *(len(b) for b in self.retain))
+        self.epochs = epochs
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.num_batches * self.epochs
 
     def __getitem__(self, idx: int) -> Step:
-        if not 0 <= idx < self.num_batches:
+        if not 0 <= idx < len(self):
             raise IndexError(idx)
-        topic, b = idx % self.n_topics, idx // self.n_topics
+        i = idx % self.num_batches  # the position within the epoch picks topic and batch
+        topic, b = i % self.n_topics, i // self.n_topics
         return Step(idx, topic, self.forget[topic][b], self.retain[topic][b])
 
 

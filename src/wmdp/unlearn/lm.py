@@ -31,11 +31,12 @@ from torch import nn
 
 from wmdp.errors import WmdpError
 from wmdp.layers import swapped
-from wmdp.models import TrainedTensor, arch_of, decoder_layers, input_device, mlp_out_tensor
+from wmdp import models
+from wmdp.models import TrainedTensor, decoder_layers, input_device
 from wmdp.unlearn.batches import TopicBatches, tokenize, training_tokenizer
 from wmdp.unlearn.rmu import WMDP_FORGET
 
-PARAMS = ("all", "layers", "mlp_out")
+PARAMS = models.PARAM_ROLES
 
 
 # -- token-level losses ------------------------------------------------------------------------
@@ -81,27 +82,11 @@ def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, inputs: dict[str, t
 # -- which tensors train ------------------------------------------------------------------------
 def select_tensors(model: nn.Module, params: str, layer_ids: list[int]) -> list[TrainedTensor]:
     """The tensors a method trains (see the module docstring); `layer_ids` empty: every block."""
-    if params not in PARAMS:
-        raise WmdpError(f"params {params!r} is not one of {', '.join(PARAMS)}")
-    if params == "all":
-        if layer_ids:
-            raise WmdpError(f"layer_ids {layer_ids} given with params=all; use params=layers "
-                            "or params=mlp_out to train only those blocks")
-        return [TrainedTensor(n, p) for n, p in model.named_parameters()]
-    layers = decoder_layers(model)
-    ids = list(layer_ids) if layer_ids else list(range(len(layers)))
-    bad = [i for i in ids if not 0 <= i < len(layers)]
-    if bad:
-        raise WmdpError(f"layer_ids {bad} out of range: the model has {len(layers)} layers")
-    if params == "mlp_out":
-        tensors = [mlp_out_tensor(model, i) for i in ids]
-        if any(t.index is not None for t in tensors):
-            raise WmdpError("params=mlp_out trains a slice of a fused expert tensor here "
-                            "(Mixtral); use params=layers")
-        return tensors
-    prefix = arch_of(model).layers
-    return [TrainedTensor(f"{prefix}.{i}.{n}", p) for i in ids
-            for n, p in layers[i].named_parameters()]
+    tensors = models.select_tensors(model, params, layer_ids)
+    if any(t.index is not None for t in tensors):
+        raise WmdpError(f"params={params} trains a slice of a fused expert tensor here "
+                        "(Mixtral); use params=layers")
+    return tensors
 
 
 # -- the shared setup ---------------------------------------------------------------------------

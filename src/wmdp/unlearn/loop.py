@@ -43,6 +43,7 @@ class UnlearnConfig:
     retain_corpora: list[str] = field(default_factory=list)  # one per forget corpus
     batch_size: int = 4               # texts per forget (and per retain) batch
     max_num_batches: int = 150        # steps at most (zephyr's published run: 150)
+    epochs: int = 1                   # passes over the schedule (the reference runs one)
     min_len: int = 0                  # texts of at most this many characters are dropped
     seed: int = 42
     revision: str | None = None
@@ -193,7 +194,8 @@ def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
     if (out / FINAL_RECORD).is_file():
         return out  # this exact run already finished
     forget, retain = load_corpora(config)  # bad data fails before the model loads
-    schedule = TopicBatches(forget, retain, config.batch_size, config.max_num_batches)
+    schedule = TopicBatches(forget, retain, config.batch_size, config.max_num_batches,
+                            config.epochs)
     record = {"fingerprint": fingerprint, "method": method.name, "config": to_dict(config),
               "hparams": to_dict(hparams), "num_steps": len(schedule),
               "corpora": {"forget": [c.record() for c in forget],
