@@ -175,3 +175,26 @@ def test_config_overrides_unknown_keys_and_exponents():
     assert hp.lr == 1e-4 and hp.alpha == [300.0]
     with pytest.raises(WmdpError, match="unknown key 'nope'"):
         load_run_config(None, ["eval.nope=1"])
+
+
+@pytest.mark.slow
+def test_sandbox_run_end_to_end_with_the_small_fixture(tmp_path):
+    """The embedded default's path (sandbox, RMU's sandbox preset, report) on the small world:
+    forget accuracy falls, general accuracy holds."""
+    import shutil
+
+    from wmdp.sandbox.build import fingerprint, sandbox_config
+
+    fixture = ROOT / "tests" / "fixtures" / "sandbox-small"
+    cache = tmp_path / "cache"
+    shutil.copytree(fixture, cache / f"small-seed0-{fingerprint(sandbox_config('small', 0))[:10]}")
+    cfg = load_run_config(None, [f"output={tmp_path / 'run'}", "sandbox.preset=small",
+                                 f"sandbox.cache_dir={cache}", "audit=null", "device=cpu"])
+    run_dir = run_pipeline(cfg, progress=False)
+    assert list(json.loads((run_dir / "stages.json").read_text())) == [
+        "sandbox", "eval_base", "unlearn", "eval_unlearned", "report"]
+    base = json.loads((run_dir / "eval_base" / "results.json").read_text())["groups"]
+    unl = json.loads((run_dir / "eval_unlearned" / "results.json").read_text())["groups"]
+    assert base["sandbox_forget"]["acc"] >= 0.95 and unl["sandbox_forget"]["acc"] <= 0.5
+    assert unl["sandbox_general"]["acc"] >= 0.9
+    assert "sandbox_bio" in (run_dir / "report.md").read_text()
