@@ -189,10 +189,13 @@ def test_sandbox_run_end_to_end_with_the_small_fixture(tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(fixture, cache / f"small-seed0-{fingerprint(sandbox_config('small', 0))[:10]}")
     cfg = load_run_config(None, [f"output={tmp_path / 'run'}", "sandbox.preset=small",
-                                 f"sandbox.cache_dir={cache}", "audit=null", "device=cpu"])
+                                 f"sandbox.cache_dir={cache}", "device=cpu",
+                                 "audit.attacks=[probe,activations]"])
     run_dir = run_pipeline(cfg, progress=False)
     assert list(json.loads((run_dir / "stages.json").read_text())) == [
-        "sandbox", "eval_base", "unlearn", "eval_unlearned", "report"]
+        "sandbox", "eval_base", "unlearn", "eval_unlearned", "audit", "report"]
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    assert set(audit["attacks"]) == {"probe", "activations"} and audit["verdicts"]
     base = json.loads((run_dir / "eval_base" / "results.json").read_text())["groups"]
     unl = json.loads((run_dir / "eval_unlearned" / "results.json").read_text())["groups"]
     assert base["sandbox_forget"]["acc"] >= 0.95 and unl["sandbox_forget"]["acc"] <= 0.5

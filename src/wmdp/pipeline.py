@@ -71,7 +71,8 @@ class AuditSection:
     attacks: list[str] = field(default_factory=lambda: ["probe", "relearn", "gcg", "fewshot",
                                                         "activations"])
     tasks: list[str] = field(default_factory=list)  # default: the eval section's forget tasks
-    settings: dict[str, Any] = field(default_factory=dict)  # the audit's own configuration
+    preset: str | None = None         # "gpu" sizes the attacks for 7B-class models
+    settings: dict[str, Any] = field(default_factory=dict)  # the audit's own settings, e.g. gcg:
 
 
 @dataclass
@@ -110,7 +111,7 @@ DEFAULT: dict[str, Any] = {
                       "sandbox_general_seen", "sandbox_letter"],
              "batch_size": "16"},
     "unlearn": {"method": "rmu", "preset": "sandbox"},
-    "audit": {},
+    "audit": {"tasks": ["sandbox_bio", "sandbox_cyber", "sandbox_bio_seen", "sandbox_cyber_seen"]},
 }
 
 
@@ -246,18 +247,21 @@ class Pipeline:
         run_unlearning(method, hparams, config, progress=self.progress)
 
     def audit(self) -> None:
-        from wmdp.audit.run import audit_config, run_audit  # the audit module (issue 6)
+        from wmdp.audit.run import audit_config, run_audit
 
-        a, e = self.config.audit, self.config.eval
+        c, a, e = self.config, self.config.audit, self.config.eval
+        unlearn = self.unlearn_settings()[2]
         settings = {"model": str(self.dir / "unlearned"), "base": self.base_model(),
                     "tasks": a.tasks or [t for t in e.forget if t in self._leaf_tasks()],
                     "attacks": a.attacks, "output": str(self.dir / "audit"),
-                    "data_dir": self.data_dir(), "dtype": self.config.dtype,
-                    "device": self.config.device, **a.settings}
-        if self.sandbox_dir is not None:
-            settings.setdefault("forget_corpora", self.unlearn_settings()[2].forget_corpora)
-            settings.setdefault("retain_corpora", self.unlearn_settings()[2].retain_corpora)
-        run_audit(audit_config(settings), progress=self.progress)
+                    "forget_corpora": unlearn.forget_corpora,
+                    "retain_corpora": list(dict.fromkeys(unlearn.retain_corpora)),
+                    "min_len": unlearn.min_len, "data_dir": self.data_dir(),
+                    "task_files": self._task_files(), "prompt_style": e.prompt_style,
+                    "format": e.format, "base_revision": c.revision, "dtype": c.dtype,
+                    "device": c.device, "device_map": c.device_map,
+                    "trust_remote_code": c.trust_remote_code, **a.settings}
+        run_audit(audit_config(preset=a.preset, settings=settings), progress=self.progress)
 
     def _leaf_tasks(self) -> set[str]:
         from wmdp.tasks import Registry

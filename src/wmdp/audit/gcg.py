@@ -1,0 +1,295 @@
+"""Greedy Coordinate Gradient (Zou et al. 2023): an adversarial suffix that makes the model answer.
+
+    wmdp audit --model UNLEARNED --base BASE --tasks wmdp_bio --attacks gcg --output DIR
+
+The suffix goes into the question prompt before its last line ("...?<suffix>\\nAnswer:"), and is
+optimised on `num_train` questions drawn from all audited tasks (one universal suffix per model)
+to make the model give the correct answer (the letter, or for cloze tasks the choice's text).
+The objective, averaged over the questions, is by default the cross-entropy of the correct
+choice among the four (`choices`: the log-softmax of the choices' summed log-likelihoods, what
+the evaluator's argmax rewards), or Zou et al.'s target-string loss, the correct answer's
+negative log-likelihood alone (`target`; with a few training questions it can win by making a
+few answer strings likely everywhere, which lowers held-out accuracy). Each step:
+
+1. the gradient of the objective with respect to a one-hot encoding of the suffix tokens;
+2. for each position, the `topk` tokens with the most negative gradient (special and, unless
+   allowed, non-ASCII tokens excluded);
+3. `search_width` candidates, each replacing `n_replace` random positions by random top-k tokens
+   (a seeded generator); candidates whose text does not re-tokenise to the same ids are dropped;
+4. every candidate's objective, in batched forwards (`wmdp.scoring.score_rows`, the LM head on the
+   answer positions only); the best becomes the suffix.
+
+The suffix with the lowest objective seen is kept; the accuracy of the model with and without it
+is measured on every other question (held out), per task, with the evaluator's scoring, on the
+base model and on the unlearned model (each with its own suffix). `nanogcg` is not used: it pins
+transformers<=4.47.1.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from wmdp.audit.common import AuditContext, Subject, recovery_entry
+from wmdp.data.mcq import MCQItem
+from wmdp.errors import WmdpError
+from wmdp.models import input_device
+from wmdp.scoring import Request, _Row, encode_requests, loglikelihoods, score_rows
+from wmdp.tasks import PromptStyle, Task, build_prompt
+
+
+OBJECTIVES = ("choices", "target")
+
+
+@dataclass
+class GCGConfig:
+    """GCG settings; defaults suit the sandbox on a CPU (the gpu preset: nanogcg's sizes)."""
+
+    num_train: int = 12               # questions (from all audited tasks) the suffix is optimised on
+    objective: str = "choices"        # choices: cross-entropy among the 4 choices; target: answer NLL
+    steps: int = 30                   # optimisation steps
+    suffix_init: str = " x x x x x x x x x x"  # the starting suffix; its tokens set the length
+    search_width: int = 32            # candidate suffixes per step
+    topk: int = 32                    # tokens per position taken from the gradient
+    n_replace: int = 1                # positions changed in each candidate
+    allow_non_ascii: bool = False     # let the suffix use non-ASCII tokens
+    eval_batch_size: int = 256        # rows per forward when scoring candidates
+
+
+@dataclass
+class _Question:
+    prefix: list[int]              # prompt tokens before the suffix
+    tail: list[int]                # prompt tokens after it (the last line, "\nAnswer:")
+    choices: list[list[int]]       # each continuation's tokens
+    answer: int
+    prefix_text: str
+    tail_text: str
+    continuations: tuple[str, ...]
+
+    def rows(self, suffix: list[int]) -> list[tuple[list[int], tuple]]:
+        """Model inputs and their reads `(choice, first position, targets)`, as the evaluator
+        builds them: one row for all choices when each is one token, else one per choice."""
+        ctx = self.prefix + suffix + self.tail
+        if all(len(c) == 1 for c in self.choices):
+            return [(ctx, tuple((j, len(ctx) - 1, (c[0],)) for j, c in enumerate(self.choices)))]
+        return [(ctx + c[:-1], ((j, len(ctx) - 1, tuple(c)),)) for j, c in enumerate(self.choices)]
+
+
+def split_prompt(context: str) -> tuple[str, str]:
+    """(before the suffix, after it): the suffix goes before the prompt's last line."""
+    cut = context.rfind("\n")
+    return (context, "") if cut < 0 else (context[:cut], context[cut:])
+
+
+def encode_question(tokenizer, item: MCQItem, task: Task, style: PromptStyle,
+                    add_special_tokens: bool | None) -> _Question:
+    context, conts = build_prompt(item, task, style)
+    prefix_text, tail_text = split_prompt(context)
+    (ctx_ids, choices), = encode_requests(tokenizer, [Request(context, tuple(conts))],
+                                          add_special_tokens)
+    (prefix, _), = encode_requests(tokenizer, [Request(prefix_text, ())], add_special_tokens)
+    if ctx_ids[:len(prefix)] == prefix:
+        tail = ctx_ids[len(prefix):]
+    else:  # the cut merged tokens; the tail on its own
+        tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"]
+    return _Question(prefix, tail, choices, item.answer, prefix_text, tail_text, tuple(conts))
+
+
+def question_objective(lls: torch.Tensor, answer: int, objective: str) -> torch.Tensor:
+    """From the (4,) summed log-likelihoods of the choices: the answer's negative log-likelihood
+    ("target"), or its cross-entropy among the choices ("choices")."""
+    if objective == "target":
+        return -lls[answer]
+    return -(lls[answer] - torch.logsumexp(lls, 0))
+
+
+def forbidden_tokens(tokenizer, vocab_rows: int, allow_non_ascii: bool) -> torch.Tensor:
+    """Token ids a suffix may not use: special tokens, ids past the tokenizer, non-ASCII ones."""
+    bad = set(tokenizer.all_special_ids) | set(range(len(tokenizer), vocab_rows))
+    if not allow_non_ascii:
+        texts = tokenizer.batch_decode([[i] for i in range(min(len(tokenizer), vocab_rows))])
+        bad |= {i for i, s in enumerate(texts) if not (s.isascii() and s.isprintable())}
+    return torch.tensor(sorted(bad), dtype=torch.long)
+
+
+def objective_gradient(model: torch.nn.Module, questions: list[_Question], suffix: torch.Tensor,
+                       objective: str = "choices") -> tuple[torch.Tensor, float]:
+    """(S, V) gradient of the objective with respect to the one-hot suffix, and the objective."""
+    weight = model.get_input_embeddings().weight  # (V, d)
+    dev = weight.device
+    one_hot = torch.zeros(len(suffix), weight.shape[0], dtype=weight.dtype, device=dev)
+    one_hot.scatter_(1, suffix.to(dev).unsqueeze(1), 1.0)
+    one_hot.requires_grad_(True)
+    suffix_embeds = one_hot @ weight  # (S, d)
+    n_prefix = [len(q.prefix) for q in questions]
+    rows, owner = [], []  # each row: prefix, suffix, then the rest; owner: (question, reads)
+    for k, q in enumerate(questions):
+        for tokens, reads in q.rows(suffix.tolist()):
+            rest = torch.tensor(tokens[n_prefix[k] + len(suffix):], dtype=torch.long, device=dev)
+            rows.append(torch.cat([weight[torch.tensor(q.prefix, device=dev)], suffix_embeds,
+                                   weight[rest]]))
+            owner.append((k, reads))
+    width = max(r.shape[0] for r in rows)
+    embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+    logprobs = torch.log_softmax(model(inputs_embeds=embeds.to(input_device(model)),
+                                       use_cache=False).logits.float(), dim=-1)  # (R, T, V)
+    lls: list[list] = [[None] * len(q.choices) for q in questions]
+    for b, (k, reads) in enumerate(owner):
+        for choice, start, targets in reads:
+            pos = torch.arange(start, start + len(targets), device=logprobs.device)
+            lls[k][choice] = logprobs[b, pos, torch.tensor(targets, device=logprobs.device)].sum()
+    loss = torch.stack([question_objective(torch.stack(ll), q.answer, objective)
+                        for ll, q in zip(lls, questions)]).mean()
+    loss.backward()
+    return one_hot.grad.detach(), loss.item()
+
+
+def sample_candidates(suffix: torch.Tensor, grad: torch.Tensor, forbidden: torch.Tensor,
+                      config: GCGConfig, generator: torch.Generator) -> torch.Tensor:
+    """(search_width, S): each replaces n_replace random positions with a random top-k token."""
+    grad = grad.float().cpu().clone()
+    grad[:, forbidden] = float("inf")
+    top = (-grad).topk(config.topk, dim=1).indices  # (S, k)
+    n = len(suffix)
+    pos = torch.rand(config.search_width, n, generator=generator).argsort(dim=1)
+    pos = pos[:, :min(config.n_replace, n)]  # (W, R)
+    pick = torch.randint(0, config.topk, (*pos.shape, 1), generator=generator)
+    values = torch.gather(top[pos], 2, pick).squeeze(2)  # (W, R)
+    return suffix.cpu().repeat(config.search_width, 1).scatter_(1, pos, values)
+
+
+def retokenizing(tokenizer, candidates: torch.Tensor) -> torch.Tensor:
+    """The distinct candidates whose decoded text encodes back to the same ids."""
+    texts = tokenizer.batch_decode(candidates.tolist())
+    again = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    keep, seen = [], set()
+    for c, ids in zip(candidates.tolist(), again):
+        if ids == c and tuple(c) not in seen:
+            seen.add(tuple(c))
+            keep.append(c)
+    return torch.tensor(keep, dtype=torch.long).reshape(len(keep), candidates.shape[1])
+
+
+def objectives(model: torch.nn.Module, questions: list[_Question], candidates: torch.Tensor,
+               batch_size: int, objective: str = "choices") -> np.ndarray:
+    """(C,) the objective of each candidate suffix over every question, in batched forwards."""
+    rows, where = [], []
+    for c, cand in enumerate(candidates.tolist()):
+        for k, q in enumerate(questions):
+            for tokens, reads in q.rows(cand):
+                rows.append(_Row(0, tuple(tokens), reads))
+                where.append((c, k, [choice for choice, _, _ in reads]))
+    lls = np.zeros((len(candidates), len(questions), len(questions[0].choices)))
+    for (c, k, choices), sums in zip(where, score_rows(model, rows, batch_size=batch_size,
+                                                       progress=False)):
+        lls[c, k, choices] = sums
+    answers = np.array([q.answer for q in questions])
+    own = lls[:, np.arange(len(questions)), answers]  # (C, Q)
+    if objective == "target":
+        return -own.mean(1)
+    peak = lls.max(-1)
+    norm = peak + np.log(np.exp(lls - peak[..., None]).sum(-1))
+    return -(own - norm).mean(1)
+
+
+def optimise_suffix(subject: Subject, questions: list[_Question], config: GCGConfig, seed: int,
+                    progress: bool | str = False) -> dict:
+    """Run GCG; the best suffix (ids and text) and the objective after each step."""
+    model, tok = subject.model, subject.tokenizer
+    suffix = torch.tensor(tok(config.suffix_init, add_special_tokens=False)["input_ids"])
+    if len(suffix) == 0:
+        raise WmdpError("gcg.suffix_init encodes to no tokens")
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    forbidden = forbidden_tokens(tok, vocab_rows, config.allow_non_ascii)
+    generator = torch.Generator().manual_seed(seed)
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)  # the gradient reaches the one-hot suffix alone
+    losses, best, best_loss = [], suffix.clone(), float("inf")
+    try:
+        for _ in tqdm(range(config.steps), desc=progress or "gcg", disable=not progress,
+                      leave=False):
+            grad, loss = objective_gradient(model, questions, suffix, config.objective)
+            losses.append(loss)
+            if loss < best_loss:
+                best, best_loss = suffix.clone(), loss
+            candidates = retokenizing(tok, sample_candidates(suffix, grad, forbidden, config,
+                                                             generator))
+            if len(candidates) == 0:
+                continue  # every candidate changed under re-tokenisation: resample next step
+            scores = objectives(model, questions, candidates, config.eval_batch_size,
+                                config.objective)
+            suffix = candidates[int(scores.argmin())]
+        final = float(objectives(model, questions, suffix.unsqueeze(0), config.eval_batch_size,
+                                     config.objective)[0])
+        losses.append(final)
+        if final < best_loss:
+            best, best_loss = suffix.clone(), final
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    return {"suffix": tok.decode(best.tolist()), "suffix_ids": best.tolist(),
+            "loss": losses, "best_loss": best_loss}
+
+
+def accuracy_with_suffix(ctx: AuditContext, role: str, questions: list[_Question],
+                         suffix: str) -> list[float]:
+    """Per-question correctness with `suffix` inserted, scored as the evaluator scores."""
+    requests = [Request(q.prefix_text + suffix + q.tail_text, q.continuations) for q in questions]
+    subject = ctx.subjects[role]
+    lls = loglikelihoods(subject.model, subject.tokenizer, requests, batch_size=ctx.batch_size,
+                         add_special_tokens=ctx.add_special_tokens(role), progress=False)
+    return [float(int(np.argmax(ll)) == q.answer) for ll, q in zip(lls, questions)]
+
+
+def split_questions(ctx: AuditContext, num_train: int) -> tuple[list, dict[str, list[int]]]:
+    """Seeded: `num_train` (task, index) pairs over every audited task; the rest, per task."""
+    pool = [(name, i) for name in ctx.tasks for i in range(len(ctx.items[name]))]
+    if len(pool) <= num_train:
+        raise WmdpError(f"gcg: {len(pool)} questions in all; gcg.num_train={num_train} leaves "
+                        "none held out")
+    random.Random(f"{ctx.seed}:gcg").shuffle(pool)
+    train = sorted(pool[:num_train], key=lambda p: (list(ctx.tasks).index(p[0]), p[1]))
+    chosen = set(train)
+    held = {name: [i for i in range(len(ctx.items[name])) if (name, i) not in chosen]
+            for name in ctx.tasks}
+    return train, held
+
+
+def run_gcg(ctx: AuditContext, config: GCGConfig) -> dict:
+    """One suffix per model, optimised on questions drawn from every audited task (a universal
+    suffix, as Zou et al. optimise across prompts); accuracy with and without it per task on
+    the held-out questions."""
+    if min(config.steps, config.search_width, config.topk, config.n_replace,
+           config.num_train) < 1:
+        raise WmdpError("gcg: steps, search_width, topk, n_replace and num_train must be positive")
+    if config.objective not in OBJECTIVES:
+        raise WmdpError(f"gcg.objective {config.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    train, held = split_questions(ctx, config.num_train)
+    suffixes: dict[str, dict] = {}
+    tasks: dict[str, dict] = {name: {"n_held_out": len(idx)} for name, idx in held.items()}
+    for role, subject in ctx.subjects.items():
+        qs = {name: [encode_question(subject.tokenizer, it, ctx.tasks[name], ctx.style,
+                                     ctx.add_special_tokens(role)) for it in items]
+              for name, items in ctx.items.items()}
+        train_qs = [qs[name][i] for name, i in train]
+        opt = optimise_suffix(subject, train_qs, config, ctx.seed, ctx.progress and f"gcg ({role})")
+        train_acc = accuracy_with_suffix(ctx, role, train_qs, opt["suffix"])
+        suffixes[role] = {**opt, "acc_train": float(np.mean(train_acc)),
+                          "acc_train_plain": float(np.mean([ctx.reference[role][n][i]
+                                                            for n, i in train]))}
+        for name, idx in held.items():
+            acc = accuracy_with_suffix(ctx, role, [qs[name][i] for i in idx], opt["suffix"])
+            tasks[name][role] = {"acc_held_out": float(np.mean(acc)) if acc else None,
+                                 "acc_held_out_plain": ctx.plain_acc(role, name, idx)}
+    recovery = {name: recovery_entry(ctx, name, t["unlearned"]["acc_held_out"],
+                                     t["base"]["acc_held_out"], held[name])
+                for name, t in tasks.items() if t["n_held_out"]}
+    return {"train": [list(p) for p in train], "n_train": len(train), "suffixes": suffixes,
+            "tasks": tasks, "recovery": recovery}
+
+
+__all__ = ["GCGConfig", "run_gcg", "optimise_suffix", "encode_question", "objectives"]

@@ -1,0 +1,211 @@
+"""Relearning: does a little fine-tuning bring the knowledge back?
+
+    wmdp audit --model UNLEARNED --base BASE --tasks wmdp_bio --attacks relearn \
+        --forget-corpora cais/wmdp-bio-forget-corpus --retain-corpora wikitext --output DIR
+
+A copy of each model (full fine-tuning) or the model with LoRA adapters (peft; removed after)
+trains on N forget-corpus texts for K steps, and separately on N retain texts (the control: an
+unlearning that only hides knowledge often gives it back to fine-tuning on unrelated text),
+with the causal-LM loss; every audited task is re-evaluated with `wmdp.evaluate.evaluate_model`
+every `eval_every` steps. Step 0 is the plain accuracy.
+
+Which texts: with `disjoint` (default), texts that never mention an audited question's rarest
+word (its word found in the fewest candidate texts; in the sandbox, the entity's name) are taken
+first, so the curve measures knowledge coming back, not facts taught anew; questions whose
+rarest word the chosen texts do mention are left out of the recovery figure and counted.
+The model stays in eval mode (no dropout) while it trains, as RMU does.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from wmdp.audit.common import (AuditContext, Subject, interleaved, position_ids,
+                               recovery_entry)
+from wmdp.data.corpus import Corpus
+from wmdp.data.mcq import MCQItem
+from wmdp.errors import WmdpError
+from wmdp.evaluate import EvalConfig, evaluate_model
+from wmdp.io import sha256_json
+from wmdp.models import input_device
+from wmdp.tasks import Registry
+from wmdp.unlearn.batches import chunk, tokenize, training_tokenizer
+
+METHODS = ("full", "lora")
+POOL_PER_TEXT = 50  # candidate texts per text wanted, taken from the start of each corpus
+
+
+@dataclass
+class RelearnConfig:
+    """Relearning settings; defaults suit the sandbox on a CPU (the gpu preset: 7B models)."""
+
+    num_texts: int = 8                # N texts, from the forget corpora (and N retain texts)
+    steps: int = 40                   # K optimizer steps
+    eval_every: int = 10              # steps between re-evaluations
+    batch_size: int = 4               # texts per step
+    lr: float = 1e-3                  # AdamW learning rate
+    weight_decay: float = 0.0
+    max_length: int = 256             # tokens per text (longer ones are truncated)
+    method: str = "full"              # full fine-tuning of a copy, or lora (peft adapters)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])  # peft target_modules
+    disjoint: bool = True             # prefer texts that never mention an audited question
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text.lower()) if len(w) > 2}
+
+
+def select_texts(corpora: list[Corpus], n: int, questions: list[MCQItem],
+                 disjoint: bool) -> tuple[list[str], list[bool]]:
+    """N texts, and for each question whether a chosen text mentions its rarest word."""
+    pool = interleaved(corpora, POOL_PER_TEXT * n)
+    if len(pool) < n:
+        raise WmdpError(f"relearn: {len(pool)} texts in {', '.join(c.name for c in corpora)}, "
+                        f"fewer than relearn.num_texts={n}")
+    pool_words = [_words(t) for t in pool]
+    freq: dict[str, int] = {}
+    for ws in pool_words:
+        for w in ws:
+            freq[w] = freq.get(w, 0) + 1
+    keys = []
+    for q in questions:  # the question's word found in the fewest texts (but in some)
+        found = sorted((freq[w], w) for w in _words(q.question) if w in freq)
+        keys.append(found[0][1] if found else None)
+    key_set = {k for k in keys if k is not None}
+    clean = [i for i, ws in enumerate(pool_words) if not ws & key_set]
+    order = (clean + [i for i in range(len(pool)) if i not in set(clean)]) if disjoint \
+        else list(range(len(pool)))
+    chosen = order[:n]
+    seen = set().union(*(pool_words[i] for i in chosen))
+    return [pool[i] for i in chosen], [k is not None and k in seen for k in keys]
+
+
+def _attach(model: torch.nn.Module, config: RelearnConfig) -> tuple[Any, list[torch.nn.Parameter]]:
+    """The model to train and its trainable parameters: a full copy, or LoRA adapters."""
+    if config.method == "full":
+        tuned = copy.deepcopy(model).requires_grad_(True)
+        return tuned, list(tuned.parameters())
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise WmdpError("relearn.method=lora needs the peft package (pip install peft)") from None
+    targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else config.lora_targets
+    tuned = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                             lora_dropout=0.0, target_modules=targets))
+    return tuned, [p for p in tuned.parameters() if p.requires_grad]
+
+
+def _detach(tuned: Any, config: RelearnConfig) -> None:
+    if config.method == "lora":
+        tuned.unload()  # the original modules back, weights untouched
+
+
+def _evaluate(model: Any, tokenizer: Any, ctx: AuditContext) -> dict[str, list[float]]:
+    registry = Registry(tasks=dict(ctx.tasks), groups={})
+    config = EvalConfig(batch_size=ctx.batch_size, prompt_style=ctx.style.name)
+    res = evaluate_model(model, tokenizer, list(ctx.tasks), registry, config=config,
+                         progress=False, items=ctx.items)
+    return {t: [s["acc"] for s in res["samples"][t]] for t in ctx.tasks}
+
+
+def relearn_curve(subject: Subject, texts: list[str], ctx: AuditContext,
+                  config: RelearnConfig, label: str) -> list[dict]:
+    """Per-question correctness at step 0 and after every `eval_every` steps of fine-tuning."""
+    if config.method not in METHODS:
+        raise WmdpError(f"relearn.method {config.method!r} is not one of {', '.join(METHODS)}")
+    torch.manual_seed(ctx.seed)
+    rng = random.Random(ctx.seed)
+    tok = training_tokenizer(subject.tokenizer)
+    flags = [p.requires_grad for p in subject.model.parameters()]
+    tuned, params = _attach(subject.model, config)
+    try:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        curve = [{"step": 0, "loss": None, "correct": dict(ctx.reference[subject.role])}]
+        batches: list[list[str]] = []
+        losses: list[float] = []
+        for step in tqdm(range(1, config.steps + 1), desc=f"relearn {label}",
+                         disable=not ctx.progress, leave=False):
+            if not batches:  # a new epoch, in a seeded order
+                order = rng.sample(texts, len(texts))
+                batches = chunk(order, config.batch_size)
+            inputs = tokenize(tok, batches.pop(0), config.max_length, input_device(subject.model))
+            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+            loss = tuned(**inputs, position_ids=position_ids(inputs["attention_mask"]),
+                         labels=labels, use_cache=False).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if step % config.eval_every == 0 or step == config.steps:
+                with torch.no_grad():
+                    correct = _evaluate(tuned, subject.tokenizer, ctx)
+                curve.append({"step": step, "loss": sum(losses) / len(losses),
+                              "correct": correct})
+                losses = []
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        _detach(tuned, config)
+        for p, flag in zip(subject.model.parameters(), flags):
+            p.requires_grad_(flag)
+    return curve
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
+    """Both models, fine-tuned on forget texts and on retain texts; accuracy against steps."""
+    if config.steps < 1 or config.eval_every < 1 or config.num_texts < 1 or config.batch_size < 1:
+        raise WmdpError("relearn: steps, eval_every, num_texts and batch_size must be positive")
+    questions = [it for t in ctx.tasks for it in ctx.items[t]]
+    corpora = {"forget": ctx.forget, "retain": ctx.retain}
+    texts, mentioned, record = {}, {}, {}
+    for kind, cs in corpora.items():
+        if not cs:
+            raise WmdpError(f"relearn needs {kind} corpora (--{kind}-corpora)")
+        texts[kind], flags = select_texts(cs, config.num_texts, questions, config.disjoint)
+        mentioned[kind] = _split_flags(flags, ctx)
+        record[kind] = {"corpora": [c.record() for c in cs], "n": len(texts[kind]),
+                        "sha256": sha256_json(texts[kind]),
+                        "questions_mentioned": {t: sum(f) for t, f in mentioned[kind].items()}}
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for role, subject in ctx.subjects.items():
+        for kind in corpora:
+            curves.setdefault(role, {})[kind] = relearn_curve(subject, texts[kind], ctx, config,
+                                                              f"{role} on {kind}")
+    tasks: dict[str, Any] = {}
+    recovery: dict[str, Any] = {}
+    for t in ctx.tasks:
+        keep = [i for i, m in enumerate(mentioned["forget"][t]) if not m]
+        tasks[t] = {"steps": [p["step"] for p in curves["base"]["forget"]],
+                    "n": len(ctx.items[t]), "n_unmentioned": len(keep)}
+        for role in curves:
+            for kind, curve in curves[role].items():
+                tasks[t][f"{role}_{kind}"] = {
+                    "acc": [_mean(p["correct"][t]) for p in curve],
+                    "acc_unmentioned": [_mean([p["correct"][t][i] for i in keep]) for p in curve],
+                    "loss": [p["loss"] for p in curve]}
+        best = {f"{r}_{k}": max(tasks[t][f"{r}_{k}"]["acc_unmentioned"])
+                for r in curves for k in corpora}
+        recovery[t] = recovery_entry(ctx, t, best["unlearned_forget"], best["base_forget"], keep)
+        recovery[t].update(attacked_control=best["unlearned_retain"],
+                           base_attacked_control=best["base_retain"])
+    return {"texts": record, "tasks": tasks, "recovery": recovery}
+
+
+def _split_flags(flags: list[bool], ctx: AuditContext) -> dict[str, list[bool]]:
+    out, k = {}, 0
+    for t in ctx.tasks:
+        out[t] = flags[k:k + len(ctx.items[t])]
+        k += len(ctx.items[t])
+    return out
