@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,13 +84,14 @@ class Doc:
         for kind, x in self.blocks:
             if kind == "h2":
                 body.append(f"<h2>{e(x)}</h2>")
-            elif kind == "p":
-                body.append(f"<p>{e(x)}</p>")
+            elif kind == "p":  # `code` spans, as Markdown shows them
+                body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", e(x)) + "</p>")
             elif kind == "table":
                 header, rows = x
+                cell = lambda c: f'<td class="n">{e(c)}</td>' if _numeric(c) else f"<td>{e(c)}</td>"  # noqa: E731
                 body.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header)
                             + "</tr></thead><tbody>" + "".join(
-                                "<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+                                "<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in rows)
                             + "</tbody></table>")
             elif kind == "img":
                 path, caption = x
@@ -99,14 +101,29 @@ class Doc:
             elif kind == "pre":
                 body.append(f"<pre>{e(x)}</pre>")
         style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;"
-                 "padding:0 1em;color:#222}table{border-collapse:collapse;margin:1em 0}"
-                 "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-                 "th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}"
+                 "padding:0 1em;color:#222}table{border-collapse:collapse;margin:1em 0;"
+                 "display:block;overflow-x:auto;max-width:100%}"
+                 "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+                 "td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}"
                  "img{max-width:100%}figcaption{color:#555;font-size:90%}"
                  "pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
         return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                 f"<title>{e(self.title)}</title><style>{style}</style></head><body>\n"
                 + "\n".join(body) + "\n</body></html>\n")
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _short(model: str) -> str:
+    """A local path's last two parts (the rest is in run.json); a hub id as it is."""
+    p = Path(model)
+    return "/".join(p.parts[-2:]) if p.is_absolute() else model
 
 
 def _load(path: Path) -> Any:
@@ -135,7 +152,7 @@ def write_report(run_dir: Path, forget: list[str] | None = None, near: list[str]
     plots.mkdir(exist_ok=True)
     method = record.get("method", "unlearned")
     model = record.get("config", {}).get("model") or (base or {}).get("config", {}).get("model", "?")
-    doc = Doc(title or f"Unlearning report: {method} on {model}")
+    doc = Doc(title or f"Unlearning report: {method} on {_short(model)}")
     names = [n for n in _names(base or unl or {}) if n in _names(unl or base or {})]
     mcq = [n for n in names if "acc" in _metrics(base or unl, n)]
     ppl = [n for n in names if "word_perplexity" in _metrics(base or unl, n)]
