@@ -181,3 +181,27 @@ def test_fewshot_and_system_prompt_layout():
     ctx, conts = build_prompt(q, Task("t", "math", format="cloze"), PROMPT_STYLES["lmeval"], fewshot=[ex])
     assert ctx.endswith("Question: Which is red?\nAnswer: blood\n\nQuestion: What is 2+2?\nAnswer:")
     assert conts == [" 3", " 4", " 5", " 6"]
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_score(llama_mistral_tok, tmp_path, monkeypatch):
+    from wmdp import scoring
+
+    model, tok = load_model(llama_mistral_tok, dtype="float32", device="cpu")
+    qs = write_mcq_jsonl(tmp_path / "q.jsonl", 20)
+    reg = Registry.build(task_files={"q": str(qs)})
+    ref = evaluate_model(model, tok, ["q"], reg, progress=False, config=EvalConfig(batch_size=1))
+    real = scoring._score_batch
+    sizes = []
+
+    def small_memory(m, batch):
+        sizes.append(len(batch))
+        if len(batch) > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(m, batch)
+
+    monkeypatch.setattr(scoring, "_score_batch", small_memory)
+    res = evaluate_model(model, tok, ["q"], reg, progress=False, config=EvalConfig(batch_size=16))
+    assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) <= 2
+    assert res["config"]["batch_size_used"] == 2
+    for a, b in zip(ref["samples"]["q"], res["samples"]["q"]):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)

@@ -259,3 +259,26 @@ def test_select_tensors_by_role(tmp_path):
     assert len(names("all", [])) == len(list(model.parameters()))
     with pytest.raises(WmdpError, match="layer_ids \\[5\\] out of range"):
         select_tensors(model, "mlp", [5])
+
+
+def test_mixtral_trains_only_expert_zeros_up_projection(tmp_path):
+    from transformers import MixtralConfig
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(MISTRAL_TOK)
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_config(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = mlp_out_tensor(model, 1)
+    assert t.index is not None and t.view().shape == (48, 32)  # expert 0's w3 in the fused tensor
+    schedule = TopicBatches([Corpus("f", texts(16, 1), "t")], [Corpus("r", texts(16, 2), "t")], 4, 4)
+    unlearn_model(RMU(RMUConfig(layer_id=1, layer_ids=[0, 1], steering_coeffs=[20.0], alpha=[1.0],
+                                lr=1e-2)), model, tok, schedule, seed=0, progress=False)
+    for n, p in model.named_parameters():
+        moved = (p.detach() != before[n])
+        if n.endswith("layers.0.mlp.experts.gate_up_proj") or n.endswith("layers.1.mlp.experts.gate_up_proj"):
+            assert moved[0, 48:].any() and not moved[0, :48].any() and not moved[1:].any(), n
+        else:
+            assert not moved.any(), n
