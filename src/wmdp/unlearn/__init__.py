@@ -1,4 +1,6 @@
-"""Unlearning methods on one shared loop. `METHODS` maps a name to (class, config class, presets).
+"""Unlearning methods on one shared loop: `rmu` (the WMDP paper's) and the baselines `ga`,
+`graddiff`, `npo`, `llmu`, `scrub`, `ssd`. `METHODS` (registry.py) maps a name to (class,
+config class, presets, summary).
 
     from wmdp.unlearn import resolve, run_unlearning
     method, hparams, config = resolve("rmu", preset="zephyr-7b", overrides=["output=runs/z"])
