@@ -134,11 +134,11 @@ def sweep_table(s: dict) -> str:
     lines = [f"Forget metric `{s['forget_metric']}`, general metric `{s['general_metric']}`; "
              f"selected: lowest forget accuracy with a general drop of at most "
              f"{100 * s['max_general_drop']:.1f} points.", "",
-             "| point | forget acc | general acc | general drop | Pareto | selected |",
-             "|---|---:|---:|---:|:-:|:-:|",
-             f"| base | {100 * s['base']['forget']:.1f} | {100 * s['base']['general']:.1f} | | | |"]
+             "| # | point | forget acc | general acc | general drop | Pareto | selected |",
+             "|---:|---|---:|---:|---:|:-:|:-:|",
+             f"| | base | {100 * s['base']['forget']:.1f} | {100 * s['base']['general']:.1f} | | | |"]
     for i, p in enumerate(s["points"]):
-        lines.append(f"| {slug(p['point'])} | {100 * p['forget']:.1f} | {100 * p['general']:.1f} | "
+        lines.append(f"| {i + 1} | {slug(p['point'])} | {100 * p['forget']:.1f} | {100 * p['general']:.1f} | "
                      f"{100 * (s['base']['general'] - p['general']):.1f} | "
                      f"{'yes' if i in s['pareto_front'] else ''} | "
                      f"{'**yes**' if i == s['selected'] else ''} |")
@@ -157,9 +157,9 @@ def _plot(path: Path, s: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter([100 * p["forget"] for p in pts], [100 * p["general"] for p in pts], c="#888",
                label="grid points")
-    for p in pts:
-        ax.annotate(slug(p["point"]), (100 * p["forget"], 100 * p["general"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
+    for i, p in enumerate(pts, 1):  # numbered as in sweep.md's table
+        ax.annotate(str(i), (100 * p["forget"], 100 * p["general"]), fontsize=7,
+                    xytext=(3, 3 + 6 * (i % 3)), textcoords="offset points")
     front = [pts[i] for i in s["pareto_front"]]
     ax.plot([100 * p["forget"] for p in front], [100 * p["general"] for p in front], "-o",
             color="#c33", label="Pareto front")
