@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -37,21 +37,34 @@ def _call_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
         pass
 
 
-def forward_to_layer(model: nn.Module, inputs: dict[str, torch.Tensor],
-                     layer_id: int) -> torch.Tensor:
-    """The residual stream after decoder block `layer_id` (the reference's `forward_with_cache`)."""
-    captured: list[torch.Tensor] = []
+def read_layers(model: nn.Module, inputs: dict[str, torch.Tensor], layer_ids: Sequence[int],
+                read: Callable[[torch.Tensor], torch.Tensor] = lambda h: h) -> dict[int, torch.Tensor]:
+    """`read(h)` of the residual stream after each block in `layer_ids`, in one forward that
+    stops after the last of them (the LM head never runs). `h` is (B, T, d)."""
+    layers = decoder_layers(model)
+    out: dict[int, torch.Tensor] = {}
+    last = max(layer_ids)
 
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        captured.append(_hidden(output))
-        raise _Stop
+    def hook_for(i: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out[i] = read(_hidden(output))
+            if i == last:
+                raise _Stop
+        return hook
 
-    handle = decoder_layers(model)[layer_id].register_forward_hook(hook)
+    handles = [layers[i].register_forward_hook(hook_for(i)) for i in layer_ids]
     try:
         _call_model(model, inputs)
     finally:
-        handle.remove()
-    return captured[0]
+        for h in handles:
+            h.remove()
+    return out
+
+
+def forward_to_layer(model: nn.Module, inputs: dict[str, torch.Tensor],
+                     layer_id: int) -> torch.Tensor:
+    """The residual stream after decoder block `layer_id` (the reference's `forward_with_cache`)."""
+    return read_layers(model, inputs, [layer_id])[layer_id]
 
 
 @dataclass

@@ -36,7 +36,7 @@ class Request:
 
 
 @dataclass(frozen=True)
-class _Row:
+class Row:
     request: int                      # index of the request this row serves
     tokens: tuple[int, ...]           # model input
     reads: tuple[tuple[int, int, tuple[int, ...]], ...]  # (choice, first position, targets)
@@ -77,22 +77,22 @@ def _encode(tokenizer: Any, strings: list[str], add_special_tokens: bool | None)
     return tokenizer(strings, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def _rows(encoded: list[tuple[list[int], list[list[int]]]], max_length: int) -> list[_Row]:
+def _rows(encoded: list[tuple[list[int], list[list[int]]]], max_length: int) -> list[Row]:
     rows = []
     for i, (ctx, conts) in enumerate(encoded):
         if not ctx:
             raise WmdpError("a prompt encoded to no tokens")
         if all(len(c) == 1 for c in conts):  # one forward serves every choice
             toks = ctx[-max_length:]
-            rows.append(_Row(i, tuple(toks), tuple((j, len(toks) - 1, (c[0],))
+            rows.append(Row(i, tuple(toks), tuple((j, len(toks) - 1, (c[0],))
                                                   for j, c in enumerate(conts))))
             continue
         for j, cont in enumerate(conts):  # exact per-choice scoring, lm-eval's arithmetic
             if not cont:
-                rows.append(_Row(i, tuple(ctx[-max_length:]), ((j, -1, ()),)))
+                rows.append(Row(i, tuple(ctx[-max_length:]), ((j, -1, ()),)))
                 continue
             toks = (ctx + cont)[-(max_length + 1):][:-1]
-            rows.append(_Row(i, tuple(toks), ((j, len(toks) - len(cont), tuple(cont)),)))
+            rows.append(Row(i, tuple(toks), ((j, len(toks) - len(cont), tuple(cont)),)))
     return rows
 
 
@@ -101,7 +101,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 @torch.no_grad()
-def _score_batch(model: nn.Module, batch: list[_Row]) -> list[list[float]]:
+def _score_batch(model: nn.Module, batch: list[Row]) -> list[list[float]]:
     """Summed continuation log-likelihoods for each read of each row of one batch."""
     width = max(len(r.tokens) for r in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -179,7 +179,7 @@ def loglikelihoods(model: nn.Module, tokenizer: Any, requests: Sequence[Request]
     return results
 
 
-def score_rows(model: nn.Module, rows: list[_Row], *, batch_size: int | str = "auto",
+def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int | str = "auto",
                progress: bool | str = True,
                on_batch_size: Callable[[int], None] | None = None) -> list[list[float]]:
     """Each row's summed log-likelihood per read, in the order given.

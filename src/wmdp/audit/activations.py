@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from wmdp.audit.common import (AuditContext, Subject, interleaved, position_ids, read_layers,
-                               resolve_layers)
+from wmdp.audit.common import AuditContext, Subject, interleaved, position_ids, resolve_layers
+from wmdp.layers import read_layers
 from wmdp.errors import WmdpError
 from wmdp.models import input_device
 from wmdp.unlearn.batches import chunk, tokenize, training_tokenizer

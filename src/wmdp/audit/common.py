@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,6 @@ from torch import nn
 from wmdp.data.corpus import Corpus
 from wmdp.data.mcq import MCQItem
 from wmdp.evaluate import add_special_tokens_for
-from wmdp.layers import _call_model, _hidden, _Stop
 from wmdp.models import decoder_layers, input_device
 from wmdp.tasks import PromptStyle, Task
 
@@ -106,30 +105,6 @@ def resolve_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
             raise WmdpError(f"layer {layer} out of range: the model has {n} decoder layers")
         out.append(i)
     return sorted(set(out))
-
-
-def read_layers(model: nn.Module, inputs: dict[str, torch.Tensor], layer_ids: Sequence[int],
-                read: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, torch.Tensor]:
-    """`read(h)` of the residual stream after each block in `layer_ids`, in one forward that
-    stops after the last of them (the LM head never runs). `h` is (B, T, d)."""
-    layers = decoder_layers(model)
-    out: dict[int, torch.Tensor] = {}
-    last = max(layer_ids)
-
-    def hook_for(i: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            out[i] = read(_hidden(output))
-            if i == last:
-                raise _Stop
-        return hook
-
-    handles = [layers[i].register_forward_hook(hook_for(i)) for i in layer_ids]
-    try:
-        _call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
 
 
 def right_padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:

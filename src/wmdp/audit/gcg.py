@@ -38,7 +38,7 @@ from wmdp.audit.common import AuditContext, Subject, recovery_entry
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
 from wmdp.models import input_device
-from wmdp.scoring import Request, _Row, encode_requests, loglikelihoods, score_rows
+from wmdp.scoring import Request, Row, encode_requests, loglikelihoods, score_rows
 from wmdp.tasks import PromptStyle, Task, build_prompt
 
 
@@ -181,7 +181,7 @@ def objectives(model: torch.nn.Module, questions: list[_Question], candidates: t
     for c, cand in enumerate(candidates.tolist()):
         for k, q in enumerate(questions):
             for tokens, reads in q.rows(cand):
-                rows.append(_Row(0, tuple(tokens), reads))
+                rows.append(Row(0, tuple(tokens), reads))
                 where.append((c, k, [choice for choice, _, _ in reads]))
     lls = np.zeros((len(candidates), len(questions), len(questions[0].choices)))
     for (c, k, choices), sums in zip(where, score_rows(model, rows, batch_size=batch_size,

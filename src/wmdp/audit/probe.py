@@ -31,8 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from wmdp.audit.common import (AuditContext, Subject, batch_size_of, batches_by_length,
-                               read_layers, recovery_entry, resolve_layers, right_padded,
-                               wilson_interval)
+                               recovery_entry, resolve_layers, right_padded, wilson_interval)
+from wmdp.layers import read_layers
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
 from wmdp.models import input_device, model_max_length
