@@ -31,7 +31,7 @@ from torch import nn
 from wmdp.errors import WmdpError
 from wmdp.models import model_max_length
 # one scoring kernel for MCQs and text: the batch forward and its OOM back-off live in scoring.py
-from wmdp.scoring import _encode, Row, score_rows
+from wmdp.scoring import encode_texts, Row, score_rows
 
 
 def prefix_token_id(tokenizer: Any) -> int:
@@ -82,7 +82,7 @@ def rolling_loglikelihoods(model: nn.Module, tokenizer: Any, texts: Sequence[str
     """
     max_length = max_length or model_max_length(model, tokenizer)
     prefix = prefix_token_id(tokenizer)
-    token_lists = _encode(tokenizer, list(texts), add_special_tokens)
+    token_lists = encode_texts(tokenizer, list(texts), add_special_tokens)
     rows: list[Row] = []
     for i, tokens in enumerate(token_lists):
         for context, targets in rolling_windows(tokens, prefix, max_length):

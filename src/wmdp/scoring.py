@@ -55,8 +55,8 @@ def encode_requests(tokenizer: Any, requests: Sequence[Request],
         contexts.append(ctx)
         wholes.extend(ctx + c for c in conts)
         shape.append(len(conts))
-    ctx_ids = _encode(tokenizer, contexts, add_special_tokens)
-    whole_ids = _encode(tokenizer, wholes, add_special_tokens)
+    ctx_ids = encode_texts(tokenizer, contexts, add_special_tokens)
+    whole_ids = encode_texts(tokenizer, wholes, add_special_tokens)
     out, k = [], 0
     for c, n in zip(ctx_ids, shape):
         out.append((c, [w[len(c):] for w in whole_ids[k:k + n]]))
@@ -64,7 +64,7 @@ def encode_requests(tokenizer: Any, requests: Sequence[Request],
     return out
 
 
-def _encode(tokenizer: Any, strings: list[str], add_special_tokens: bool | None) -> list[list[int]]:
+def encode_texts(tokenizer: Any, strings: list[str], add_special_tokens: bool | None) -> list[list[int]]:
     if not strings:
         return []
     bos = getattr(tokenizer, "bos_token", None)
