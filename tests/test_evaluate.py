@@ -205,3 +205,14 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_score(llama_mistral_tok,
     assert res["config"]["batch_size_used"] == 2
     for a, b in zip(ref["samples"]["q"], res["samples"]["q"]):
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)
+
+
+def test_device_map_auto_loads_through_accelerate_and_scores_the_same(llama_mistral_tok, tmp_path):
+    qs = write_mcq_jsonl(tmp_path / "q.jsonl", 10)
+    reg = Registry.build(task_files={"q": str(qs)})
+    plain = evaluate_model(*load_model(llama_mistral_tok, dtype="float32", device="cpu"), ["q"], reg,
+                           progress=False)
+    model, tok = load_model(llama_mistral_tok, dtype="float32", device_map="auto")
+    sharded = evaluate_model(model, tok, ["q"], reg, progress=False)
+    for a, b in zip(plain["samples"]["q"], sharded["samples"]["q"]):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)
