@@ -140,6 +140,13 @@ def test_sweep_front_and_selection_rule(world, tmp_path):
         assert not any(q["forget"] < pts[i]["forget"] and q["general"] > pts[i]["general"] for q in pts)
     for i in set(range(4)) - set(s["pareto_front"]):
         assert any(q["forget"] <= pts[i]["forget"] and q["general"] >= pts[i]["general"] for q in pts)
+    # a rerun resumes: nothing is recomputed, and the base run still stops at its evaluation
+    again = run_sweep(tiny_config(world, tmp_path / "unused"),
+                      {"steering_coeff": [2.0, 40.0], "alpha": [1.0, 100.0]}, tmp_path / "sweep",
+                      forget_metric="wmdp", general_metric="mmlu_college_biology",
+                      max_general_drop=0.1, progress=False)
+    assert again["points"] == pts
+    assert list(json.loads((tmp_path / "sweep" / "base" / "stages.json").read_text())) == ["eval_base"]
 
 
 def test_configs_sandbox_yaml_is_the_embedded_default():

@@ -178,12 +178,12 @@ class Pipeline:
         for name, stage in self.stages():
             if name in self.done():
                 print(f"wmdp: stage {name}: done, skipped")
-                continue
-            print(f"wmdp: stage {name} ...")
-            t0 = time.perf_counter()
-            stage()
-            self._mark(name, time.perf_counter() - t0)
-            if name == stop_after:
+            else:
+                print(f"wmdp: stage {name} ...")
+                t0 = time.perf_counter()
+                stage()
+                self._mark(name, time.perf_counter() - t0)
+            if name == stop_after:  # also when it was done before: a resumed sweep base
                 break
         return self.done()
 
