@@ -282,3 +282,21 @@ def test_mixtral_trains_only_expert_zeros_up_projection(tmp_path):
             assert moved[0, 48:].any() and not moved[0, :48].any() and not moved[1:].any(), n
         else:
             assert not moved.any(), n
+
+
+def test_rerun_after_an_interruption_before_any_checkpoint_logs_each_step_once(tmp_path, monkeypatch):
+    path = save_tiny_model(tmp_path / "base", "llama", MISTRAL_TOK, layers=4)
+    files = _corpus_files(tmp_path)
+    real = RMU.loss
+
+    def interrupted(self, step):
+        if step.idx == 3:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(RMU, "loss", interrupted)
+    assert _run(path, tmp_path / "out", files) == 130  # checkpoints every 50 steps: none yet
+    monkeypatch.setattr(RMU, "loss", real)
+    assert _run(path, tmp_path / "out", files) == 0
+    steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(8))

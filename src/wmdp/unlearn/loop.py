@@ -106,19 +106,22 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
     ckpt = output / CHECKPOINT if output is not None else None
     if ckpt is not None and ckpt.is_file():
         start, history = _load_checkpoint(ckpt, method, optimizer, output)
+    elif output is not None:  # steps logged by a run stopped before its first checkpoint rerun
+        (output / "metrics.jsonl").unlink(missing_ok=True)
     bar = tqdm(total=len(schedule), initial=start, desc=f"unlearn ({method.name})",
                disable=not progress, unit="step")
     for idx in range(start, len(schedule)):
         step = schedule[idx]
         t0 = time.perf_counter()
         loss, metrics = method.loss(step)
-        if not math.isfinite(loss.item()):
-            raise WmdpError(f"step {idx}: loss is {loss.item()} ({_fmt(metrics)}); stopping "
+        value = loss.item()
+        if not math.isfinite(value):
+            raise WmdpError(f"step {idx}: loss is {value} ({_fmt(metrics)}); stopping "
                             "without writing a model (lower the learning rate or the coefficients)")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        row = {"step": idx, "topic": step.topic, "loss": loss.item(), **metrics,
+        row = {"step": idx, "topic": step.topic, "loss": value, **metrics,
                "seconds": round(time.perf_counter() - t0, 4)}
         history.append(row)
         if output is not None:
