@@ -78,7 +78,8 @@ def score_task(model: nn.Module, tokenizer: Any, task: Task, items: list[MCQItem
                progress: bool = True, stats: dict | None = None,
                max_length: int | None = None) -> tuple[dict, list[dict]]:
     """Metrics and per-item samples of one task."""
-    requests = [Request(*_prompt(item, task, style)) for item in items]
+    requests = [Request(context, tuple(conts))
+                for context, conts in (build_prompt(item, task, style) for item in items)]
     lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size,
                          add_special_tokens=add_special_tokens_for(style, model),
                          max_length=max_length,
@@ -86,7 +87,7 @@ def score_task(model: nn.Module, tokenizer: Any, task: Task, items: list[MCQItem
                          on_batch_size=(lambda bs: stats.__setitem__("batch_size", bs))
                          if stats is not None else None)
     samples, acc, acc_norm = [], [], []
-    for doc_id, (item, req, ll) in enumerate(zip(items, requests, lls)):
+    for doc_id, (item, ll) in enumerate(zip(items, lls)):
         pred = int(np.argmax(ll))
         sample = {"doc_id": doc_id, "gold": item.answer, "pred": pred, "loglikelihoods": ll,
                   "acc": float(pred == item.answer)}
@@ -114,11 +115,6 @@ def score_perplexity_task(model: nn.Module, tokenizer: Any, task: Task, texts: l
                        max_length=max_length, progress=task.name if progress else False,
                        stats=stats, detokenize=DETOKENIZERS[task.detokenizer]
                        if task.detokenizer else None)
-
-
-def _prompt(item: MCQItem, task: Task, style: PromptStyle) -> tuple[str, tuple[str, ...]]:
-    context, conts = build_prompt(item, task, style)
-    return context, tuple(conts)
 
 
 def aggregate_groups(results: dict[str, dict], groups: dict[str, list[str]]) -> dict[str, dict]:

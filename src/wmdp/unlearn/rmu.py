@@ -70,14 +70,14 @@ def _mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> to
     return ((h - target) ** 2 * m).sum() / (m.sum() * h.shape[-1])
 
 
-def _mean_norm(h: torch.Tensor, mask: torch.Tensor) -> float:
-    norms = h.float().norm(dim=-1)  # (B, T)
-    return float((norms * mask).sum() / mask.sum())
+def _mean_norm(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    norms = h.detach().float().norm(dim=-1)  # (B, T)
+    return (norms * mask).sum() / mask.sum()
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)  # (B, T)
-    return float((cos * mask).sum() / mask.sum())
+def _cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    cos = torch.nn.functional.cosine_similarity(a.detach().float(), b.float(), dim=-1)  # (B, T)
+    return (cos * mask).sum() / mask.sum()
 
 
 class RMU:
@@ -126,7 +126,7 @@ class RMU:
                               self._forget_max_length(topic), self.device)
             with torch.no_grad():
                 h = forward_to_layer(self.model, inputs, c.layer_id)
-            coeffs.append(c.adaptive_coeff * _mean_norm(h, inputs["attention_mask"]))
+            coeffs.append(c.adaptive_coeff * _mean_norm(h, inputs["attention_mask"]).item())
         return coeffs
 
     def _control_vectors(self, model: nn.Module, seed: int) -> None:
@@ -180,12 +180,12 @@ class RMU:
         forget = tokenize(self.tokenizer, step.forget, self._forget_max_length(step.topic),
                           self.device)
         fmask = forget["attention_mask"]
-        metrics: dict[str, float] = {}
+        logged: dict[str, torch.Tensor] = {}
         if c.frozen_forget_every and step.idx % c.frozen_forget_every == 0:
             span = self._frozen_span(forget)
             h_forget = replay_span(self.model, span)
-            metrics["forget_cos_frozen"] = _cosine(h_forget.detach(), span.output, fmask)
-            metrics["forget_norm_frozen"] = _mean_norm(span.output, fmask)
+            logged["forget_cos_frozen"] = _cosine(h_forget, span.output, fmask)
+            logged["forget_norm_frozen"] = _mean_norm(span.output, fmask)
         else:
             h_forget = forward_to_layer(self.model, forget, c.layer_id)
         forget_loss = _mse(h_forget, self._control(step.topic), fmask if c.mask_padding else None)
@@ -196,12 +196,12 @@ class RMU:
         h_retain = replay_span(self.model, span)
         retain_mse = _mse(h_retain, span.output, rmask if c.mask_padding else None)
         retain_loss = self.alpha[step.topic] * retain_mse
-        metrics.update(forget_loss=forget_loss.item(), retain_loss=retain_loss.item(),
-                       retain_mse=retain_mse.item(),
-                       forget_norm=_mean_norm(h_forget.detach(), fmask),
-                       retain_norm=_mean_norm(h_retain.detach(), rmask),
-                       retain_cos_frozen=_cosine(h_retain.detach(), span.output, rmask))
-        return forget_loss + retain_loss, metrics
+        logged.update(forget_loss=forget_loss.detach(), retain_loss=retain_loss.detach(),
+                      retain_mse=retain_mse.detach(), forget_norm=_mean_norm(h_forget, fmask),
+                      retain_norm=_mean_norm(h_retain, rmask),
+                      retain_cos_frozen=_cosine(h_retain, span.output, rmask))
+        values = torch.stack([v.float() for v in logged.values()]).tolist()  # one device sync
+        return forget_loss + retain_loss, dict(zip(logged, values))
 
     # -- optimizer and state ---------------------------------------------------------------
     def make_optimizer(self) -> Any:
