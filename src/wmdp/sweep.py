@@ -110,7 +110,7 @@ def run_sweep(config: RunConfig, grid: dict[str, list[Any]], output: str | Path,
         if "eval_base" not in pipe.done():  # the base model is evaluated once for all points
             shutil.copytree(base.dir / "eval_base", pipe.dir / "eval_base", dirs_exist_ok=True)
             done = pipe.done()
-            done.update({k: v for k, v in read_json(base.dir / STAGES).items()})
+            done.update(read_json(base.dir / STAGES))
             write_json(pipe.dir / STAGES, done)
         pipe.run(stop_after="eval_unlearned")  # the sweep's own table and plot report it
         res = read_json(pipe.dir / "eval_unlearned" / "results.json")
