@@ -482,3 +482,22 @@ def test_every_preset_resolves():
             method, hparams, config = resolve(name, preset=preset)
             assert isinstance(method, cls) and isinstance(hparams, hp_cls)
         assert resolve(name, preset="zephyr-7b")[2].model == "HuggingFaceH4/zephyr-7b-beta"
+
+
+def test_token_loss_same_alone_or_left_padded_on_gpt2(tmp_path):
+    """Learned absolute positions (GPT-2): left padding must not move a text's positions."""
+    from conftest import GPT2_TOK
+    from wmdp.unlearn.batches import tokenize, training_tokenizer
+    from wmdp.unlearn.lm import mean_nll
+
+    path = save_tiny_model(tmp_path / "g", "gpt2", GPT2_TOK, layers=2)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = training_tokenizer(AutoTokenizer.from_pretrained(path))
+    short = "the host of the microbe"
+    with torch.no_grad():
+        alone = tokenize(tok, [short], 64, "cpu")
+        batch = tokenize(tok, [short, short + " and a much longer tail of words"], 64, "cpu")
+        a = mean_nll(model(**alone).logits, alone)
+        b_inputs = {k: v[:1] for k, v in batch.items()}
+        b = mean_nll(model(**b_inputs).logits, b_inputs)
+    assert a.item() == pytest.approx(b.item(), abs=1e-5)

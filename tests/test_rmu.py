@@ -300,3 +300,21 @@ def test_rerun_after_an_interruption_before_any_checkpoint_logs_each_step_once(t
     assert _run(path, tmp_path / "out", files) == 0
     steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(8))
+
+
+def test_left_padded_batches_keep_each_rows_positions(tmp_path):
+    """GPT-2 has learned absolute positions: a padded row must read as it does alone."""
+    from wmdp.layers import forward_to_layer
+    from wmdp.unlearn.batches import tokenize, training_tokenizer
+
+    model, tok = _load(save_tiny_model(tmp_path / "g", "gpt2", GPT2_TOK, layers=2))
+    model.eval()
+    t = training_tokenizer(tok)
+    short, long = "a short text", "a much longer text that forces the short one to be padded"
+    batch = tokenize(t, [short, long], 64, "cpu")
+    alone = tokenize(t, [short], 64, "cpu")
+    with torch.no_grad():
+        h_batch = forward_to_layer(model, batch, 1)[0]
+        h_alone = forward_to_layer(model, alone, 1)[0]
+    n = alone["input_ids"].shape[1]
+    assert torch.allclose(h_batch[-n:], h_alone, atol=1e-5)

@@ -77,7 +77,9 @@ def encode_texts(tokenizer: Any, strings: list[str], add_special_tokens: bool | 
     return tokenizer(strings, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def _rows(encoded: list[tuple[list[int], list[list[int]]]], max_length: int) -> list[Row]:
+def build_rows(encoded: list[tuple[list[int], list[list[int]]]], max_length: int) -> list[Row]:
+    """The model inputs that score encoded requests: one row per question when every
+    continuation is one token, else one per choice; inputs cut to `max_length` as lm-eval does."""
     rows = []
     for i, (ctx, conts) in enumerate(encoded):
         if not ctx:
@@ -170,7 +172,7 @@ def loglikelihoods(model: nn.Module, tokenizer: Any, requests: Sequence[Request]
     """Summed log-likelihood of each continuation of each request: `out[i][j]`."""
     max_length = max_length or model_max_length(model, tokenizer)
     encoded = encode_requests(tokenizer, requests, add_special_tokens)
-    rows = _rows(encoded, max_length)
+    rows = build_rows(encoded, max_length)
     results: list[list[float]] = [[0.0] * len(r.continuations) for r in requests]
     for r, lls in zip(rows, score_rows(model, rows, batch_size=batch_size, progress=progress,
                                        on_batch_size=on_batch_size)):
@@ -192,7 +194,7 @@ def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int | str = "au
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
     order = order[rank::world]
     out: list[list[float]] = [[] for _ in rows]
-    bs = _initial_batch_size(batch_size, model)
+    bs = initial_batch_size(batch_size, model)
     bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring",
                disable=not progress or rank != 0, leave=False, unit="row")
     i = 0
@@ -221,7 +223,9 @@ def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int | str = "au
     return out
 
 
-def _initial_batch_size(batch_size: int | str, model: nn.Module) -> int:
+def initial_batch_size(batch_size: int | str, model: nn.Module) -> int:
+    """A batch size as given, or for "auto" 256 rows on a GPU (halved on out-of-memory), 16 on
+    a CPU; anything else is a one-line error."""
     if batch_size == "auto":
         return 256 if input_device(model).type == "cuda" else 16
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from wmdp.audit.common import AuditContext, Subject, interleaved, position_ids, resolve_layers
+from wmdp.audit.common import AuditContext, Subject, interleaved, resolve_layers
 from wmdp.layers import read_layers
 from wmdp.errors import WmdpError
 from wmdp.models import input_device
@@ -45,7 +45,6 @@ def mean_norms(subject: Subject, texts: list[str], layer_ids: list[int],
                       disable=not progress, leave=False):
         inputs = tokenize(tok, batch, config.max_length, input_device(subject.model))
         mask = inputs["attention_mask"]
-        inputs["position_ids"] = position_ids(mask)
 
         def norm_sum(h: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> scalar
             return (h.float().norm(dim=-1) * mask.to(h.device)).sum().double().cpu()

@@ -123,11 +123,6 @@ def batches_by_length(rows: Sequence[Sequence[int]], batch_size: int) -> Iterato
         yield order[i:i + batch_size]
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 at each row's first real token (left padding)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def batch_size_of(batch_size: int | str, model: nn.Module, cpu: int = 16, gpu: int = 64) -> int:
     if batch_size == "auto":
         return gpu if input_device(model).type == "cuda" else cpu

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from wmdp.audit.common import (AuditContext, Subject, interleaved, position_ids,
-                               recovery_entry)
+from wmdp.audit.common import AuditContext, Subject, interleaved, recovery_entry
 from wmdp.data.corpus import Corpus
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
@@ -139,8 +138,7 @@ def relearn_curve(subject: Subject, texts: list[str], ctx: AuditContext,
                 batches = chunk(order, config.batch_size)
             inputs = tokenize(tok, batches.pop(0), config.max_length, input_device(subject.model))
             labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-            loss = tuned(**inputs, position_ids=position_ids(inputs["attention_mask"]),
-                         labels=labels, use_cache=False).loss
+            loss = tuned(**inputs, labels=labels, use_cache=False).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -76,7 +76,15 @@ def training_tokenizer(tokenizer: Any) -> Any:
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int,
              device: torch.device | str) -> dict[str, torch.Tensor]:
-    """A padded batch (input_ids, attention_mask) on `device`."""
+    """A padded batch (input_ids, attention_mask, position_ids) on `device`.
+
+    With left padding a row's first real token must sit at position 0, as it would alone: the
+    model computes positions from 0 at the first column unless told, which shifts every padded
+    row (harmless under RoPE, where only relative positions count; wrong for GPT-2's learned
+    absolute positions).
+    """
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                     max_length=max_length)
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    mask = enc["attention_mask"]
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": mask.to(device),
+            "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)}
