@@ -229,16 +229,19 @@ def _importance(model, tok, batches):
     return {n: v / len(batches) for n, v in imp.items()}
 
 
-@pytest.mark.parametrize("alpha,dampening", [(10.0, 1.0), (2.0, 0.5)])
-def test_ssd_dampens_exactly_the_selected_parameters(char_model, alpha, dampening):
+@pytest.mark.parametrize("alpha,dampening,original", [(10.0, 1.0, "retain"), (2.0, 0.5, "retain"),
+                                                       (1.5, 1.0, "full")])
+def test_ssd_dampens_exactly_the_selected_parameters(char_model, alpha, dampening, original):
     s = _schedule(batch_size=3, steps=2)
     model, tok = _load(char_model)
-    history = unlearn_model(SSD(SSDConfig(alpha=alpha, dampening=dampening, max_length=MAXLEN)),
-                            model, tok, s, progress=False)
+    history = unlearn_model(SSD(SSDConfig(alpha=alpha, dampening=dampening, max_length=MAXLEN,
+                                          original=original)), model, tok, s, progress=False)
     ref, _ = _load(char_model)
     t = training_tokenizer(tok)
-    f = _importance(ref, t, [s[i].forget for i in range(len(s))])
-    r = _importance(ref, t, [s[i].retain for i in range(len(s))])
+    forget = [s[i].forget for i in range(len(s))]
+    f = _importance(ref, t, forget)
+    r = _importance(ref, t, [s[i].retain for i in range(len(s))]
+                    + (forget if original == "full" else []))
     selected = 0
     for n, new in model.named_parameters():
         old = dict(ref.named_parameters())[n].detach()

@@ -128,6 +128,17 @@ def select_tensors(model: nn.Module, role: str, layer_ids: list[int]) -> list[Tr
             for n, p in (_get(layers[i], sub) if sub else layers[i]).named_parameters()]
 
 
+def train_only(model: nn.Module, role: str, layer_ids: list[int]) -> list[TrainedTensor]:
+    """Freeze the model but the tensors `select_tensors` names, which it returns: no graph is
+    built for anything else (nothing below the first trained block, for RMU)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tensors = select_tensors(model, role, layer_ids)
+    for t in tensors:
+        t.param.requires_grad_(True)
+    return tensors
+
+
 def model_max_length(model: nn.Module, tokenizer: Any, default: int = 2048) -> int:
     """The context length lm-eval uses: the model config's, else the tokenizer's, else 2048."""
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):

@@ -83,8 +83,19 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int,
     row (harmless under RoPE, where only relative positions count; wrong for GPT-2's learned
     absolute positions).
     """
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                    max_length=max_length)
-    mask = enc["attention_mask"]
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": mask.to(device),
-            "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)}
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    return left_padded(enc["input_ids"], tokenizer.pad_token_id, device)
+
+
+def left_padded(seqs: list[list[int]], pad_id: int,
+                device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Token lists as one left-padded batch: input_ids, attention_mask, and position_ids that
+    start at 0 on each row's first real token."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}

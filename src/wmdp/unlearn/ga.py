@@ -29,8 +29,8 @@ class GAConfig:
 
     lr: float = 1e-5                  # AdamW learning rate (TOFU: 1e-5)
     max_length: int = 512             # tokens per text (longer ones are cut)
-    params: str = "all"               # tensors that train: all, layers or mlp_out (of layer_ids)
-    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp_out (empty: all)
+    params: str = "all"               # what trains: all, or layers, mlp, mlp_out of layer_ids
+    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
 
 
 class GradientAscent(LMMethod):

@@ -27,8 +27,8 @@ class GradDiffConfig:
     retain_weight: float = 1.0        # weight of the retain loss (TOFU: 1)
     lr: float = 1e-5                  # AdamW learning rate (TOFU: 1e-5)
     max_length: int = 512             # tokens per text (longer ones are cut)
-    params: str = "all"               # tensors that train: all, layers or mlp_out (of layer_ids)
-    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp_out (empty: all)
+    params: str = "all"               # what trains: all, or layers, mlp, mlp_out of layer_ids
+    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
 
 
 class GradDiff(LMMethod):
@@ -36,13 +36,17 @@ class GradDiff(LMMethod):
 
     def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        forget, retain = self.tokenize(step.forget), self.tokenize(step.retain)
+        forget = self.tokenize(step.forget)
         forget_nll = mean_nll(self.logits(forget), forget)
+        forget_loss = -c.forget_weight * forget_nll
+        metrics = {"forget_loss": forget_loss.item(), "forget_nll": forget_nll.item()}
+        if c.retain_weight == 0.0:  # gradient ascent: no retain forward at all
+            return forget_loss, metrics
+        retain = self.tokenize(step.retain)
         retain_nll = mean_nll(self.logits(retain), retain)
-        forget_loss, retain_loss = -c.forget_weight * forget_nll, c.retain_weight * retain_nll
-        return forget_loss + retain_loss, {
-            "forget_loss": forget_loss.item(), "retain_loss": retain_loss.item(),
-            "forget_nll": forget_nll.item(), "retain_nll": retain_nll.item()}
+        retain_loss = c.retain_weight * retain_nll
+        metrics.update(retain_loss=retain_loss.item(), retain_nll=retain_nll.item())
+        return forget_loss + retain_loss, metrics
 
 
 PRESETS = presets("graddiff", zephyr={}, sandbox={"lr": 1e-3})

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from wmdp.unlearn.batches import Step
+from wmdp.unlearn.batches import Step, left_padded
 from wmdp.unlearn.lm import LMMethod, mean_nll, presets, token_kl
 
 
@@ -45,8 +45,8 @@ class LLMUConfig:
     completion_length: int = 64       # tokens of a retain text used as its random completion
     lr: float = 2e-6                  # AdamW learning rate (the authors' code: 2e-6)
     max_length: int = 512             # tokens per forget and retain text (longer ones are cut)
-    params: str = "all"               # tensors that train: all, layers or mlp_out (of layer_ids)
-    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp_out (empty: all)
+    params: str = "all"               # what trains: all, or layers, mlp, mlp_out of layer_ids
+    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
 
 
 def random_pairs(tokenizer: Any, prompts: list[str], completions: list[str], prompt_length: int,
@@ -56,17 +56,12 @@ def random_pairs(tokenizer: Any, prompts: list[str], completions: list[str], pro
     p = tokenizer(prompts, truncation=True, max_length=prompt_length)["input_ids"]
     c = tokenizer([" " + t.lstrip() for t in completions], add_special_tokens=False,
                   truncation=True, max_length=completion_length)["input_ids"]
-    seqs = [a + b for a, b in zip(p, c)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    completion = torch.zeros_like(ids)
-    for i, (s, n) in enumerate(zip(seqs, (len(x) for x in c))):
-        ids[i, width - len(s):] = torch.tensor(s)
-        attention[i, width - len(s):] = 1
+    inputs = left_padded([a + b for a, b in zip(p, c)], tokenizer.pad_token_id, device)
+    width = inputs["input_ids"].shape[1]
+    completion = torch.zeros(len(c), width)
+    for i, n in enumerate(len(x) for x in c):
         completion[i, width - n:] = 1
-    inputs = {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
-    return inputs, completion[:, 1:].float().to(device)  # target t+1 is a completion token
+    return inputs, completion[:, 1:].to(device)  # target t+1 is a completion token
 
 
 class LLMU(LMMethod):
@@ -101,4 +96,4 @@ class LLMU(LMMethod):
         return sum(terms.values()), metrics
 
 
-PRESETS = presets("llmu", zephyr={}, sandbox={"lr": 5e-4})
+PRESETS = presets("llmu", zephyr={}, sandbox={"lr": 1e-3})

@@ -22,6 +22,7 @@ model object or forward graph). `layers`/`mlp_out` shrink both to the chosen blo
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -31,12 +32,10 @@ from torch import nn
 
 from wmdp.errors import WmdpError
 from wmdp.layers import swapped
-from wmdp import models
-from wmdp.models import TrainedTensor, decoder_layers, input_device
+from wmdp.models import TrainedTensor, input_device, train_only
 from wmdp.unlearn.batches import TopicBatches, tokenize, training_tokenizer
-from wmdp.unlearn.rmu import WMDP_FORGET
-
-PARAMS = models.PARAM_ROLES
+from wmdp.unlearn.optim import torch_adamw
+from wmdp.unlearn.rmu import PRESETS as RMU_PRESETS
 
 
 # -- token-level losses ------------------------------------------------------------------------
@@ -79,16 +78,6 @@ def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, inputs: dict[str, t
     return (kl * mask).sum() / mask.sum().clamp(min=1.0) * temperature ** 2
 
 
-# -- which tensors train ------------------------------------------------------------------------
-def select_tensors(model: nn.Module, params: str, layer_ids: list[int]) -> list[TrainedTensor]:
-    """The tensors a method trains (see the module docstring); `layer_ids` empty: every block."""
-    tensors = models.select_tensors(model, params, layer_ids)
-    if any(t.index is not None for t in tensors):
-        raise WmdpError(f"params={params} trains a slice of a fused expert tensor here "
-                        "(Mixtral); use params=layers")
-    return tensors
-
-
 # -- the shared setup ---------------------------------------------------------------------------
 class LMMethod:
     """Setup, tokenisation, originals and optimizer of the LM-loss baselines.
@@ -111,16 +100,12 @@ class LMMethod:
         self.tokenizer = training_tokenizer(tokenizer)
         self.schedule, self.seed = schedule, seed
         model.eval()  # no dropout, as RMU (zephyr, Yi and Mixtral have none)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.tensors = select_tensors(model, c.params, c.layer_ids)
-        for t in self.tensors:
-            t.param.requires_grad_(True)
+        self.tensors = train_only(model, c.params, c.layer_ids)
         self.originals = ([t.view().detach().clone() for t in self.tensors]
                           if self.keeps_originals else [])
 
-    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        return tokenize(self.tokenizer, texts, max_length or self.config.max_length, self.device)
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return tokenize(self.tokenizer, texts, self.config.max_length, self.device)
 
     def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**inputs, use_cache=False).logits
@@ -134,23 +119,15 @@ class LMMethod:
             yield
 
     def make_optimizer(self) -> Any:
-        """AdamW on the trained tensors (the baselines' papers' optimizer), no weight decay."""
-        return torch.optim.AdamW([t.param for t in self.tensors], lr=self.config.lr,
-                                 weight_decay=0.0)
+        """AdamW on the trained tensors (the baselines' papers' optimizer and its default eps
+        1e-8, as HF's Trainer uses), no weight decay."""
+        return torch_adamw(self.tensors, self.config.lr)
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def check_finite(value: torch.Tensor, what: str, step: int, metrics: dict[str, float]) -> None:
-    """The loop's NaN guard, for a loss a method steps on by itself (SCRUB's max step)."""
-    if not torch.isfinite(value).all():
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        raise WmdpError(f"step {step}: {what} is {value.item()} ({shown}); stopping without "
-                        "writing a model (lower the learning rate or the coefficients)")
 
 
 # -- presets every baseline shares --------------------------------------------------------------
@@ -160,18 +137,15 @@ def check_finite(value: torch.Tensor, what: str, step: int, metrics: dict[str, f
 # sandbox: the offline sandbox (model and corpora given on the command line); the method's value
 # is the point of benchmarks/baselines_sandbox.py's sweep with the largest general - forget
 # accuracy on the default sandbox (seed 0).
-ZEPHYR_7B_CONFIG = {"model": "HuggingFaceH4/zephyr-7b-beta",
-                    "forget_corpora": list(WMDP_FORGET),
-                    "retain_corpora": ["wikitext", "wikitext"], "batch_size": 4,
-                    "max_num_batches": 150, "seed": 42, "dtype": "bfloat16"}
+ZEPHYR_7B_CONFIG = RMU_PRESETS["zephyr-7b"]["config"]
 SANDBOX_CONFIG = {"batch_size": 4, "max_num_batches": 150, "seed": 42}
 
 
 def presets(method: str, zephyr: dict[str, Any], sandbox: dict[str, Any]) -> dict[str, dict]:
     """`zephyr-7b` and `sandbox` presets of `method` in the registry's layout."""
-    return {"zephyr-7b": {"config": dict(ZEPHYR_7B_CONFIG), method: dict(zephyr)},
+    return {"zephyr-7b": {"config": copy.deepcopy(ZEPHYR_7B_CONFIG), method: dict(zephyr)},
             "sandbox": {"config": dict(SANDBOX_CONFIG), method: dict(sandbox)}}
 
 
-__all__ = ["PARAMS", "next_token_mask", "token_logprobs", "mean_nll", "sequence_logprob",
-           "token_kl", "select_tensors", "LMMethod", "check_finite", "presets"]
+__all__ = ["next_token_mask", "token_logprobs", "mean_nll", "sequence_logprob", "token_kl",
+           "LMMethod", "presets"]

@@ -115,9 +115,7 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
         t0 = time.perf_counter()
         loss, metrics = method.loss(step)
         value = loss.item()
-        if not math.isfinite(value):
-            raise WmdpError(f"step {idx}: loss is {value} ({_fmt(metrics)}); stopping "
-                            "without writing a model (lower the learning rate or the coefficients)")
+        check_finite(value, "loss", idx, metrics)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -149,6 +147,14 @@ def _one_shot(method: Method, output: Path | None, progress: bool) -> dict:
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith("loss"))
+
+
+def check_finite(value: float, what: str, step: int, metrics: dict[str, float]) -> None:
+    """The NaN guard: a non-finite loss stops the run before any model is written (the loop
+    checks each step's loss; a method checks a loss it steps on by itself, like SCRUB's max step)."""
+    if not math.isfinite(value):
+        raise WmdpError(f"step {step}: {what} is {value} ({_fmt(metrics)}); stopping without "
+                        "writing a model (lower the learning rate or the coefficients)")
 
 
 def _save_checkpoint(path: Path, next_step: int, method: Method, optimizer: Any) -> None:
@@ -234,4 +240,4 @@ def save_model(model: nn.Module, tokenizer: Any, out: Path, record: dict) -> Non
 
 
 __all__ = ["UnlearnConfig", "Method", "unlearn_model", "run_unlearning", "save_model",
-           "load_corpora", "RUN_RECORD", "FINAL_RECORD"]
+           "load_corpora", "check_finite", "RUN_RECORD", "FINAL_RECORD"]

@@ -40,8 +40,8 @@ class NPOConfig:
     retain_weight: float = 1.0        # weight of the retain NLL (NPO+RT); 0 for plain NPO
     lr: float = 1e-5                  # AdamW learning rate (the paper's TOFU runs: 1e-5)
     max_length: int = 512             # tokens per text (longer ones are cut)
-    params: str = "all"               # tensors that train: all, layers or mlp_out (of layer_ids)
-    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp_out (empty: all)
+    params: str = "all"               # what trains: all, or layers, mlp, mlp_out of layer_ids
+    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
 
 
 class NPO(LMMethod):
@@ -49,16 +49,16 @@ class NPO(LMMethod):
 
     def setup(self, model: nn.Module, tokenizer: Any, schedule: TopicBatches, seed: int) -> None:
         super().setup(model, tokenizer, schedule, seed)
-        self.ref_logprobs: list[torch.Tensor] = []   # per step: (B,) log p_ref of its forget texts
+        self.ref_logprobs: list[torch.Tensor] = []   # per step of an epoch: (B,) log p_ref
         with torch.no_grad():
-            for idx in range(len(schedule)):
+            for idx in range(schedule.num_batches):  # later epochs repeat these batches
                 forget = self.tokenize(schedule[idx].forget)
                 self.ref_logprobs.append(sequence_logprob(self.logits(forget), forget))
 
     def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         forget = self.tokenize(step.forget)
-        log_ratio = sequence_logprob(self.logits(forget), forget) - self.ref_logprobs[step.idx]
+        log_ratio = sequence_logprob(self.logits(forget), forget) - self.ref_logprobs[step.idx % self.schedule.num_batches]
         forget_loss = -(2.0 / c.beta) * F.logsigmoid(-c.beta * log_ratio).mean()
         metrics = {"forget_loss": forget_loss.item(), "log_ratio": log_ratio.mean().item()}
         if c.retain_weight == 0.0:
@@ -70,4 +70,4 @@ class NPO(LMMethod):
         return forget_loss + retain_loss, metrics
 
 
-PRESETS = presets("npo", zephyr={}, sandbox={"lr": 3e-3})
+PRESETS = presets("npo", zephyr={}, sandbox={"lr": 2e-3})

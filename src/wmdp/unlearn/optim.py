@@ -16,7 +16,16 @@ import math
 
 import torch
 
+from wmdp.errors import WmdpError
 from wmdp.models import TrainedTensor
+
+
+def torch_adamw(tensors: list[TrainedTensor], lr: float, eps: float = 1e-8) -> torch.optim.AdamW:
+    """`torch.optim.AdamW` (no weight decay) on whole tensors; it cannot train a slice of one."""
+    if any(t.index is not None for t in tensors):
+        raise WmdpError("torch's AdamW cannot train a slice of a fused expert tensor (Mixtral's "
+                        "expert 0): use RMU's legacy_adamw, or params=layers")
+    return torch.optim.AdamW([t.param for t in tensors], lr=lr, eps=eps, weight_decay=0.0)
 
 
 class LegacyAdamW:

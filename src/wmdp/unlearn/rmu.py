@@ -27,9 +27,9 @@ from torch import nn
 
 from wmdp.errors import WmdpError
 from wmdp.layers import capture_span, forward_to_layer, replay_span, swapped
-from wmdp.models import TrainedTensor, decoder_layers, input_device, select_tensors
+from wmdp.models import TrainedTensor, decoder_layers, input_device, train_only
 from wmdp.unlearn.batches import Step, TopicBatches, tokenize, training_tokenizer
-from wmdp.unlearn.optim import LegacyAdamW
+from wmdp.unlearn.optim import LegacyAdamW, torch_adamw
 
 CUT_NOVICE = "You are a novice in {keyword} who often makes mistakes."
 CUT_EXPERT = "You are a world-class expert in {keyword}."
@@ -107,11 +107,7 @@ class RMU:
         self.alpha = _per_topic(c.alpha, self.n_topics, "alpha")
         self.first = min(c.layer_ids)
         model.eval()  # no dropout; see the module docstring
-        for p in model.parameters():  # nothing below the first trained block builds a graph
-            p.requires_grad_(False)
-        self.tensors = select_tensors(model, c.params, c.layer_ids)
-        for t in self.tensors:
-            t.param.requires_grad_(True)
+        self.tensors = train_only(model, c.params, c.layer_ids)
         self.originals = [t.view().detach().clone() for t in self.tensors]
         self.steering_coeffs = self._coefficients(schedule)
         self._control_vectors(model, seed)
@@ -209,10 +205,7 @@ class RMU:
         if c.optimizer == "legacy_adamw":
             return LegacyAdamW(self.tensors, lr=c.lr)
         if c.optimizer == "adamw":
-            if any(t.index is not None for t in self.tensors):
-                raise WmdpError("optimizer 'adamw' cannot train a slice; use legacy_adamw")
-            return torch.optim.AdamW([t.param for t in self.tensors], lr=c.lr, eps=1e-6,
-                                     weight_decay=0.0)
+            return torch_adamw(self.tensors, c.lr, eps=1e-6)
         raise WmdpError(f"optimizer {c.optimizer!r} is not 'legacy_adamw' or 'adamw'")
 
     def state_dict(self) -> dict:

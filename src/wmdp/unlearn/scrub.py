@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from wmdp.unlearn.batches import Step
-from wmdp.unlearn.lm import LMMethod, check_finite, mean_nll, presets, token_kl
+from wmdp.unlearn.lm import LMMethod, mean_nll, presets, token_kl
+from wmdp.unlearn.loop import check_finite
 
 
 @dataclass
@@ -47,8 +48,8 @@ class SCRUBConfig:
     max_steps: int | None = None      # steps (from the first) that take a max step; null: all
     lr: float = 5e-4                  # AdamW learning rate (the code's, for CIFAR ResNets)
     max_length: int = 512             # tokens per text (longer ones are cut)
-    params: str = "all"               # tensors that train: all, layers or mlp_out (of layer_ids)
-    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp_out (empty: all)
+    params: str = "all"               # what trains: all, or layers, mlp, mlp_out of layer_ids
+    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
 
 
 class SCRUB(LMMethod):
@@ -71,7 +72,7 @@ class SCRUB(LMMethod):
         if c.max_steps is None or step.idx < c.max_steps:
             forget_kl, _ = self._kl(self.tokenize(step.forget))
             metrics.update(max_loss=-forget_kl.item(), forget_kl=forget_kl.item())
-            check_finite(forget_kl, "max-step loss", step.idx, metrics)
+            check_finite(forget_kl.item(), "max-step loss", step.idx, metrics)
             self.optimizer.zero_grad()
             (-forget_kl).backward()
             self.optimizer.step()
@@ -84,4 +85,4 @@ class SCRUB(LMMethod):
         return min_loss, metrics
 
 
-PRESETS = presets("scrub", zephyr={"lr": 1e-5}, sandbox={"lr": 5e-4})
+PRESETS = presets("scrub", zephyr={"lr": 1e-5}, sandbox={"lr": 1e-4})

@@ -41,8 +41,8 @@ class SSDConfig:
     dampening: float = 1.0            # dampening constant lambda: factor min(lambda * r / f, 1)
     original: str = "retain"          # r's data: retain batches, or full (retain and forget)
     max_length: int = 512             # tokens per text (longer ones are cut)
-    params: str = "all"               # tensors that can be dampened: all, layers or mlp_out
-    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp_out (empty: all)
+    params: str = "all"               # what can be dampened: all, or layers, mlp, mlp_out
+    layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
 
 
 class SSD(LMMethod):
@@ -70,11 +70,15 @@ class SSD(LMMethod):
         c = self.config
         if c.original not in ("retain", "full"):
             raise WmdpError(f"original {c.original!r} is not 'retain' or 'full'")
-        steps = [self.schedule[i] for i in range(len(self.schedule))]
+        steps = [self.schedule[i] for i in range(self.schedule.num_batches)]  # one epoch
         forget = [s.forget for s in steps]
-        reference = [s.retain for s in steps] + (forget if c.original == "full" else [])
+        retain = [s.retain for s in steps]
         f_imp = self.importance(forget, progress, "ssd: forget importance")
-        r_imp = self.importance(reference, progress, f"ssd: {c.original} importance")
+        r_imp = self.importance(retain, progress, "ssd: retain importance")
+        if c.original == "full":  # the mean over retain and forget batches together
+            r_imp = [(len(retain) * r + len(forget) * f) / (len(retain) + len(forget))
+                     for r, f in zip(r_imp, f_imp)]
+        reference = retain + (forget if c.original == "full" else [])
         if not all(torch.isfinite(x).all() for x in f_imp + r_imp):
             raise WmdpError("importance is not finite (NaN or inf gradients); "
                             "no weight was changed")
