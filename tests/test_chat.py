@@ -420,7 +420,8 @@ def test_local_hf_judge(chat_model, tmp_path):
                               JudgmentCache(tmp_path / "c.jsonl"), progress=False)
     # a random model writes no rating: every judgment is counted as unparseable, none dropped
     scores = chat_scores(judgments)
-    assert scores["judgments"] == 4 and scores["unparseable"] + scores["n"] == 4
+    assert scores["judgments"] == 4 and scores["unparseable"] == 4
+    assert scores["failed"] == 0 and scores["n"] == 0 and scores["score"] is None
 
 
 # --- the command ----------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class ChatEvalConfig:
     def fingerprint(self, questions: list[Question], chat_template: str | None) -> str:
         """A hash of what shapes the answers (not the judge: a new judge re-judges them)."""
         keys = ("model", "revision", "dtype", "system_prompt", "max_new_tokens", "seed",
-                "temperature")
+                "temperature", "batch_size")  # batch i samples after manual_seed(seed + i)
         return sha256_json({**{k: getattr(self, k) for k in keys},
                             "questions": questions_hash(questions),
                             "chat_template": chat_template})
@@ -201,7 +201,6 @@ def _answer(config: ChatEvalConfig, questions: list[Question], answers: dict[Any
         model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
                                       device=config.device, device_map=config.device_map,
                                       trust_remote_code=config.trust_remote_code)
-    check_chat_template(tokenizer, template, config.model)
     t0 = time.perf_counter()
 
     def save(records: list[dict]) -> None:
