@@ -31,11 +31,13 @@ from typing import Any
 
 from wmdp.config import to_dict
 from wmdp.errors import WmdpError
+from wmdp.chat.run import CHAT_RESULTS
+from wmdp.evaluate import RESULTS
 from wmdp.io import atomic_write_text, read_json, write_json
+from wmdp.unlearn.loop import FINAL_RECORD as UNLEARN_RECORD
 
 DEFAULT_FORGET = ("wmdp*", "sandbox_forget*", "sandbox_bio*", "sandbox_cyber*")
 PPL_METRIC = "word_perplexity"
-RESULTS, UNLEARN_RECORD = "results.json", "unlearn_config.json"
 
 
 @dataclass
@@ -110,12 +112,12 @@ def load_runs(paths: list[str | Path]) -> list[Row]:
                 key = json.dumps([results.get("config", {}).get("model"),
                                   results.get("fingerprint"), sorted(results["results"])])
                 bases.setdefault(key, _row(p.name, results, base_file, None,
-                                           p / "chat_base" / "chat_results.json"))
+                                           p / "chat_base" / CHAT_RESULTS))
             if unl_file.is_file():
                 results = _read(unl_file)
                 record = _record_of(results, p / "unlearned" / UNLEARN_RECORD)
                 rows.append(_row(p.name, results, unl_file, record,
-                                 p / "chat_unlearned" / "chat_results.json"))
+                                 p / "chat_unlearned" / CHAT_RESULTS))
         elif (p / RESULTS).is_file():
             results = _read(p / RESULTS)
             rows.append(_row(p.name, results, p / RESULTS, _record_of(results)))

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from wmdp.audit.common import AuditContext, Subject, recovery_entry
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
-from wmdp.models import input_device
-from wmdp.scoring import Request, Row, encode_requests, loglikelihoods, score_rows
+from wmdp.models import input_device, model_max_length
+from wmdp.scoring import (Request, Row, build_rows, encode_requests, loglikelihoods,
+                           score_rows)
 from wmdp.tasks import PromptStyle, Task, build_prompt
 
 
@@ -70,13 +71,9 @@ class _Question:
     tail_text: str
     continuations: tuple[str, ...]
 
-    def rows(self, suffix: list[int]) -> list[tuple[list[int], tuple]]:
-        """Model inputs and their reads `(choice, first position, targets)`, as the evaluator
-        builds them: one row for all choices when each is one token, else one per choice."""
-        ctx = self.prefix + suffix + self.tail
-        if all(len(c) == 1 for c in self.choices):
-            return [(ctx, tuple((j, len(ctx) - 1, (c[0],)) for j, c in enumerate(self.choices)))]
-        return [(ctx + c[:-1], ((j, len(ctx) - 1, tuple(c)),)) for j, c in enumerate(self.choices)]
+    def encoded(self, suffix: list[int]) -> tuple[list[int], list[list[int]]]:
+        """(context tokens, continuation tokens) with `suffix` inserted, as `build_rows` takes them."""
+        return self.prefix + suffix + self.tail, self.choices
 
 
 def split_prompt(context: str) -> tuple[str, str]:
@@ -85,26 +82,34 @@ def split_prompt(context: str) -> tuple[str, str]:
     return (context, "") if cut < 0 else (context[:cut], context[cut:])
 
 
-def encode_question(tokenizer, item: MCQItem, task: Task, style: PromptStyle,
-                    add_special_tokens: bool | None) -> _Question:
-    context, conts = build_prompt(item, task, style)
-    prefix_text, tail_text = split_prompt(context)
-    (ctx_ids, choices), = encode_requests(tokenizer, [Request(context, tuple(conts))],
-                                          add_special_tokens)
-    (prefix, _), = encode_requests(tokenizer, [Request(prefix_text, ())], add_special_tokens)
-    if ctx_ids[:len(prefix)] == prefix:
-        tail = ctx_ids[len(prefix):]
-    else:  # the cut merged tokens; the tail on its own
-        tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"]
-    return _Question(prefix, tail, choices, item.answer, prefix_text, tail_text, tuple(conts))
+def encode_questions(tokenizer, items: list[MCQItem], task: Task, style: PromptStyle,
+                     add_special_tokens: bool | None) -> list[_Question]:
+    """Each question's prompt tokens split where the suffix goes, in one batched encoding."""
+    prompts = [build_prompt(it, task, style) for it in items]
+    cuts = [split_prompt(context) for context, _ in prompts]
+    encoded = encode_requests(tokenizer, [Request(c, tuple(conts)) for c, conts in prompts] +
+                              [Request(prefix_text, ()) for prefix_text, _ in cuts],
+                              add_special_tokens)
+    out = []
+    for it, (_, conts), (prefix_text, tail_text), (ctx_ids, choices), (prefix, _) in zip(
+            items, prompts, cuts, encoded[:len(items)], encoded[len(items):]):
+        if ctx_ids[:len(prefix)] == prefix:
+            tail = ctx_ids[len(prefix):]
+        else:  # the cut merged tokens; the tail on its own
+            tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"]
+        out.append(_Question(prefix, tail, choices, it.answer, prefix_text, tail_text,
+                             tuple(conts)))
+    return out
 
 
-def question_objective(lls: torch.Tensor, answer: int, objective: str) -> torch.Tensor:
-    """From the (4,) summed log-likelihoods of the choices: the answer's negative log-likelihood
-    ("target"), or its cross-entropy among the choices ("choices")."""
+def question_objective(lls: torch.Tensor, answers: torch.Tensor, objective: str) -> torch.Tensor:
+    """Per question, from the (..., 4) summed log-likelihoods of its choices and the (...) answer
+    ids: the answer's negative log-likelihood ("target"), or its cross-entropy among the choices
+    ("choices")."""
+    own = lls.gather(-1, answers.to(lls.device).expand(lls.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     if objective == "target":
-        return -lls[answer]
-    return -(lls[answer] - torch.logsumexp(lls, 0))
+        return -own
+    return -(own - torch.logsumexp(lls, -1))
 
 
 def forbidden_tokens(tokenizer, vocab_rows: int, allow_non_ascii: bool) -> torch.Tensor:
@@ -117,35 +122,49 @@ def forbidden_tokens(tokenizer, vocab_rows: int, allow_non_ascii: bool) -> torch
 
 
 def objective_gradient(model: torch.nn.Module, questions: list[_Question], suffix: torch.Tensor,
-                       objective: str = "choices") -> tuple[torch.Tensor, float]:
-    """(S, V) gradient of the objective with respect to the one-hot suffix, and the objective."""
+                       max_length: int, objective: str = "choices") -> tuple[torch.Tensor, float]:
+    """(S, V) gradient of the objective with respect to the one-hot suffix, and the objective.
+
+    The rows are the evaluator's (`build_rows`, cut to `max_length`); the suffix tokens in each
+    row (those the cut left) are embedded through the one-hot.
+    """
     weight = model.get_input_embeddings().weight  # (V, d)
     dev = weight.device
-    one_hot = torch.zeros(len(suffix), weight.shape[0], dtype=weight.dtype, device=dev)
+    n = len(suffix)
+    one_hot = torch.zeros(n, weight.shape[0], dtype=weight.dtype, device=dev)
     one_hot.scatter_(1, suffix.to(dev).unsqueeze(1), 1.0)
     one_hot.requires_grad_(True)
     suffix_embeds = one_hot @ weight  # (S, d)
-    n_prefix = [len(q.prefix) for q in questions]
-    rows, owner = [], []  # each row: prefix, suffix, then the rest; owner: (question, reads)
-    for k, q in enumerate(questions):
-        for tokens, reads in q.rows(suffix.tolist()):
-            rest = torch.tensor(tokens[n_prefix[k] + len(suffix):], dtype=torch.long, device=dev)
-            rows.append(torch.cat([weight[torch.tensor(q.prefix, device=dev)], suffix_embeds,
-                                   weight[rest]]))
-            owner.append((k, reads))
-    width = max(r.shape[0] for r in rows)
-    embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+    rows = build_rows([q.encoded(suffix.tolist()) for q in questions], max_length)
+    embeds = []
+    for row in rows:
+        q = questions[row.request]
+        at = len(q.prefix) - _cut(row, len(q.prefix) + n + len(q.tail))  # suffix start in the row
+        lo, hi = max(at, 0), max(at + n, 0)
+        ids = torch.tensor(row.tokens, dtype=torch.long, device=dev)
+        embeds.append(torch.cat([weight[ids[:lo]], suffix_embeds[lo - at:hi - at], weight[ids[hi:]]]))
+    width = max(e.shape[0] for e in embeds)
+    embeds = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, width - e.shape[0])) for e in embeds])
     logprobs = torch.log_softmax(model(inputs_embeds=embeds.to(input_device(model)),
                                        use_cache=False).logits.float(), dim=-1)  # (R, T, V)
     lls: list[list] = [[None] * len(q.choices) for q in questions]
-    for b, (k, reads) in enumerate(owner):
-        for choice, start, targets in reads:
+    for b, row in enumerate(rows):
+        for choice, start, targets in row.reads:
             pos = torch.arange(start, start + len(targets), device=logprobs.device)
-            lls[k][choice] = logprobs[b, pos, torch.tensor(targets, device=logprobs.device)].sum()
-    loss = torch.stack([question_objective(torch.stack(ll), q.answer, objective)
-                        for ll, q in zip(lls, questions)]).mean()
+            lls[row.request][choice] = logprobs[b, pos, torch.tensor(targets, device=logprobs.device)].sum()
+    answers = torch.tensor([q.answer for q in questions])
+    loss = question_objective(torch.stack([torch.stack(ll) for ll in lls]), answers,
+                              objective).mean()
     loss.backward()
     return one_hot.grad.detach(), loss.item()
+
+
+def _cut(row: Row, n_context: int) -> int:
+    """How many tokens `build_rows` cut from the left of a row whose context has `n_context`
+    tokens: the position a row reads first holds the context's last token (a row that reads
+    nothing, for an empty continuation, ends with the context)."""
+    start = row.reads[0][1]
+    return n_context - 1 - start if start >= 0 else n_context - len(row.tokens)
 
 
 def sample_candidates(suffix: torch.Tensor, grad: torch.Tensor, forbidden: torch.Tensor,
@@ -175,34 +194,30 @@ def retokenizing(tokenizer, candidates: torch.Tensor) -> torch.Tensor:
 
 
 def objectives(model: torch.nn.Module, questions: list[_Question], candidates: torch.Tensor,
-               batch_size: int, objective: str = "choices") -> np.ndarray:
-    """(C,) the objective of each candidate suffix over every question, in batched forwards."""
-    rows, where = [], []
-    for c, cand in enumerate(candidates.tolist()):
-        for k, q in enumerate(questions):
-            for tokens, reads in q.rows(cand):
-                rows.append(Row(0, tuple(tokens), reads))
-                where.append((c, k, [choice for choice, _, _ in reads]))
-    lls = np.zeros((len(candidates), len(questions), len(questions[0].choices)))
-    for (c, k, choices), sums in zip(where, score_rows(model, rows, batch_size=batch_size,
-                                                       progress=False)):
-        lls[c, k, choices] = sums
-    answers = np.array([q.answer for q in questions])
-    own = lls[:, np.arange(len(questions)), answers]  # (C, Q)
-    if objective == "target":
-        return -own.mean(1)
-    peak = lls.max(-1)
-    norm = peak + np.log(np.exp(lls - peak[..., None]).sum(-1))
-    return -(own - norm).mean(1)
+               max_length: int, batch_size: int, objective: str = "choices") -> torch.Tensor:
+    """(C,) the objective of each candidate suffix over every question, in batched forwards of
+    the evaluator's rows (`build_rows`, cut to `max_length`)."""
+    encoded = [q.encoded(cand) for cand in candidates.tolist() for q in questions]
+    rows = build_rows(encoded, max_length)
+    lls = torch.zeros(len(encoded), len(questions[0].choices), dtype=torch.float64)
+    for row, sums in zip(rows, score_rows(model, rows, batch_size=batch_size, progress=False)):
+        for (choice, _, _), ll in zip(row.reads, sums):
+            lls[row.request, choice] = ll
+    answers = torch.tensor([q.answer for q in questions])
+    return question_objective(lls.view(len(candidates), len(questions), -1), answers,
+                              objective).mean(1)
 
 
 def optimise_suffix(subject: Subject, questions: list[_Question], config: GCGConfig, seed: int,
                     progress: bool | str = False) -> dict:
     """Run GCG; the best suffix (ids and text) and the objective after each step."""
     model, tok = subject.model, subject.tokenizer
+    max_length = model_max_length(model, tok)
     suffix = torch.tensor(tok(config.suffix_init, add_special_tokens=False)["input_ids"])
     if len(suffix) == 0:
         raise WmdpError("gcg.suffix_init encodes to no tokens")
+    if config.steps < 1:
+        raise WmdpError("gcg.steps must be positive")
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     forbidden = forbidden_tokens(tok, vocab_rows, config.allow_non_ascii)
     generator = torch.Generator().manual_seed(seed)
@@ -212,22 +227,22 @@ def optimise_suffix(subject: Subject, questions: list[_Question], config: GCGCon
     try:
         for _ in tqdm(range(config.steps), desc=progress or "gcg", disable=not progress,
                       leave=False):
-            grad, loss = objective_gradient(model, questions, suffix, config.objective)
+            grad, loss = objective_gradient(model, questions, suffix, max_length, config.objective)
             losses.append(loss)
             if loss < best_loss:
                 best, best_loss = suffix.clone(), loss
+            suffix_loss = loss
             candidates = retokenizing(tok, sample_candidates(suffix, grad, forbidden, config,
                                                              generator))
             if len(candidates) == 0:
                 continue  # every candidate changed under re-tokenisation: resample next step
-            scores = objectives(model, questions, candidates, config.eval_batch_size,
+            scores = objectives(model, questions, candidates, max_length, config.eval_batch_size,
                                 config.objective)
-            suffix = candidates[int(scores.argmin())]
-        final = float(objectives(model, questions, suffix.unsqueeze(0), config.eval_batch_size,
-                                     config.objective)[0])
-        losses.append(final)
-        if final < best_loss:
-            best, best_loss = suffix.clone(), final
+            j = int(scores.argmin())
+            suffix, suffix_loss = candidates[j], float(scores[j])
+        losses.append(suffix_loss)  # the last step's pick, already scored
+        if suffix_loss < best_loss:
+            best, best_loss = suffix.clone(), suffix_loss
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
@@ -272,8 +287,8 @@ def run_gcg(ctx: AuditContext, config: GCGConfig) -> dict:
     suffixes: dict[str, dict] = {}
     tasks: dict[str, dict] = {name: {"n_held_out": len(idx)} for name, idx in held.items()}
     for role, subject in ctx.subjects.items():
-        qs = {name: [encode_question(subject.tokenizer, it, ctx.tasks[name], ctx.style,
-                                     ctx.add_special_tokens(role)) for it in items]
+        qs = {name: encode_questions(subject.tokenizer, items, ctx.tasks[name], ctx.style,
+                                     ctx.add_special_tokens(role))
               for name, items in ctx.items.items()}
         train_qs = [qs[name][i] for name, i in train]
         opt = optimise_suffix(subject, train_qs, config, ctx.seed, ctx.progress and f"gcg ({role})")
@@ -292,4 +307,4 @@ def run_gcg(ctx: AuditContext, config: GCGConfig) -> dict:
             "tasks": tasks, "recovery": recovery}
 
 
-__all__ = ["GCGConfig", "run_gcg", "optimise_suffix", "encode_question", "objectives"]
+__all__ = ["GCGConfig", "run_gcg", "optimise_suffix", "encode_questions", "objectives"]
