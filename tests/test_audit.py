@@ -3,7 +3,9 @@ the audit directory (every figure on disk, resume), and the command line."""
 
 from __future__ import annotations
 
+import copy
 import json
+import random
 import re
 
 import numpy as np
@@ -16,7 +18,7 @@ from wmdp.audit.activations import ActivationsConfig, mean_norms
 from wmdp.audit.common import (AuditContext, Subject, recovered_fraction, resolve_layers,
                                wilson_interval)
 from wmdp.audit.fewshot import FewshotConfig, run_fewshot
-from wmdp.audit.gcg import (GCGConfig, encode_question, objective_gradient, objectives,
+from wmdp.audit.gcg import (GCGConfig, encode_questions, objective_gradient, objectives,
                             optimise_suffix, retokenizing)
 from wmdp.audit.probe import ProbeConfig, cross_validated, run_probe
 from wmdp.audit.relearn import RelearnConfig, relearn_curve, run_relearn, select_texts
@@ -25,9 +27,11 @@ from wmdp.cli import main
 from wmdp.data.corpus import Corpus
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
+from wmdp.evaluate import EvalConfig, evaluate_model
 from wmdp.models import load_model
 from wmdp.scoring import Request, loglikelihoods
 from wmdp.tasks import PROMPT_STYLES, Registry, build_prompt
+from wmdp.unlearn.batches import tokenize, training_tokenizer
 
 SANDBOX = FIXTURES / "sandbox-small"
 needs_sandbox = pytest.mark.skipif(not (SANDBOX / "model" / "config.json").is_file(),
@@ -131,7 +135,9 @@ def test_probe_on_random_init_model_stays_at_chance(tiny_pair, tmp_path):
     for role in ("base", "unlearned", "base_to_unlearned"):
         for acc, (lo, hi) in zip(r[role]["acc"], r[role]["ci95"]):
             assert lo <= r["chance"] + 0.02, (role, acc)  # chance is inside the interval
-    assert out["recovery"]["quiz"]["chance"] == r["chance"]
+    answers = [it.answer for it in ctx.items["quiz"]]
+    majority = max(answers.count(a) for a in range(4)) / len(answers)
+    assert r["chance"] == out["recovery"]["quiz"]["chance"] == pytest.approx(max(0.25, majority))
 
 
 @needs_sandbox
@@ -167,11 +173,44 @@ def test_relearn_curve_leaves_the_model_as_it_was(quiz_ctx, method):
     cfg = RelearnConfig(num_texts=4, steps=6, eval_every=4, batch_size=2, lr=1e-2, method=method)
     curve = relearn_curve(subject, texts(4, 3), quiz_ctx, cfg, "test")
     assert [p["step"] for p in curve] == [0, 4, 6]
-    assert curve[0]["correct"]["quiz"] == quiz_ctx.reference["base"]["quiz"]
     assert curve[2]["loss"] < curve[1]["loss"]  # it learns the texts (mean loss per segment)
     after = subject.model.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert [type(m) for m in subject.model.modules()] == types
+
+
+def _correct(model, tokenizer, ctx) -> list[float]:
+    res = evaluate_model(model, tokenizer, ["quiz"], Registry(tasks=dict(ctx.tasks), groups={}),
+                         config=EvalConfig(batch_size=16), progress=False, items=ctx.items)
+    return [s["acc"] for s in res["samples"]["quiz"]]
+
+
+def test_relearn_curve_matches_fine_tuning_a_copy(quiz_ctx):
+    """The curve (trained in place, weights put back after) is a naive run on a deep copy:
+    the same seeded batches, AdamW, the evaluator at steps 0, 4 and 6."""
+    subject, sample = quiz_ctx.subjects["base"], texts(4, 3)
+    cfg = RelearnConfig(num_texts=4, steps=6, eval_every=4, batch_size=2, lr=1e-2)
+    curve = relearn_curve(subject, sample, quiz_ctx, cfg, "test")
+    model = copy.deepcopy(subject.model).requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    tok, rng = training_tokenizer(subject.tokenizer), random.Random(quiz_ctx.seed)
+    naive, losses = [(0, None, _correct(model, subject.tokenizer, quiz_ctx))], []
+    for step in range(1, 7):
+        if step % 2 == 1:  # an epoch is two batches of two texts, in a seeded order
+            order = rng.sample(sample, 4)
+        inputs = tokenize(tok, order[2 * ((step - 1) % 2):][:2], cfg.max_length, "cpu")
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        loss = model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step in (4, 6):
+            naive.append((step, np.mean(losses), _correct(model, subject.tokenizer, quiz_ctx)))
+            losses = []
+    for point, (step, loss, correct) in zip(curve, naive):
+        assert point["step"] == step and point["correct"]["quiz"] == correct
+        assert point["loss"] == (None if loss is None else pytest.approx(loss, rel=1e-6))
 
 
 @needs_sandbox
@@ -191,19 +230,26 @@ def test_relearning_the_base_model_does_not_reduce_its_accuracy():
 
 # --- GCG ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", ["letter", "cloze"])
+# max_length: the model's; 20 cuts into every prompt's prefix; 5 (letter: 3 tail tokens, 1-token
+# answers) and 8 (cloze: answers of 1-7 tokens) cut into the 3-token suffix, or all of it
+@pytest.mark.parametrize("fmt,max_length", [("letter", None), ("letter", 20), ("letter", 5),
+                                            ("cloze", None), ("cloze", 20), ("cloze", 8)])
 @pytest.mark.parametrize("objective", ["choices", "target"])
-def test_gcg_objective_agrees_with_the_evaluators_scoring(tiny_pair, tmp_path, fmt, objective):
+def test_gcg_objective_agrees_with_the_evaluators_scoring(tiny_pair, tmp_path, fmt, objective,
+                                                          max_length):
     reg = Registry.build(task_files={"quiz": str(write_mcq_jsonl(tmp_path / "q.jsonl", 4))},
                          fmt=fmt)
     model, tok = load_model(tiny_pair[0], dtype="float32", device="cpu")
     task, items = reg.tasks["quiz"], reg.tasks["quiz"].load_items()
-    qs = [encode_question(tok, it, task, PROMPT_STYLES["lmeval"], None) for it in items]
+    qs = encode_questions(tok, items, task, PROMPT_STYLES["lmeval"], None)
     suffix = torch.tensor(tok(" x x x", add_special_tokens=False)["input_ids"])
-    _, loss = objective_gradient(model, qs, suffix, objective)
-    (by_rows,) = objectives(model, qs, suffix.unsqueeze(0), batch_size=3, objective=objective)
+    length = max_length or model.config.max_position_embeddings
+    _, loss = objective_gradient(model, qs, suffix, length, objective)
+    (by_rows,) = objectives(model, qs, suffix.unsqueeze(0), length, batch_size=3,
+                            objective=objective).tolist()
     lls = loglikelihoods(model, tok, [Request(q.prefix_text + " x x x" + q.tail_text,
-                                              q.continuations) for q in qs], progress=False)
+                                              q.continuations) for q in qs],
+                         max_length=max_length, progress=False)
     own = np.array([ll[q.answer] for ll, q in zip(lls, qs)])
     if objective == "choices":  # the answer's log-softmax among the four choices
         own = own - logsumexp(np.array(lls), axis=1)
@@ -214,7 +260,7 @@ def test_gcg_objective_agrees_with_the_evaluators_scoring(tiny_pair, tmp_path, f
 def test_gcg_lowers_its_objective_within_a_few_steps(quiz_ctx):
     subject = quiz_ctx.subjects["unlearned"]
     task, items = quiz_ctx.tasks["quiz"], quiz_ctx.items["quiz"][:4]
-    qs = [encode_question(subject.tokenizer, it, task, quiz_ctx.style, None) for it in items]
+    qs = encode_questions(subject.tokenizer, items, task, quiz_ctx.style, None)
     cfg = GCGConfig(steps=4, suffix_init=" x x x x", search_width=32, topk=16)
     out = optimise_suffix(subject, qs, cfg, seed=0)
     assert len(out["loss"]) == 5 and out["best_loss"] < out["loss"][0] - 0.05
@@ -236,27 +282,23 @@ def test_retokenizing_drops_candidates_that_change_when_re_encoded():
 
 # --- few-shot and activations ---------------------------------------------------------------------
 
-def test_fewshot_zero_shot_is_the_evaluators_accuracy(quiz_ctx):
+def test_fewshot_plain_and_expert_contexts_are_the_loglikelihood_argmax(quiz_ctx):
     out = run_fewshot(quiz_ctx, FewshotConfig(shots=[0, 1, 3], pool_size=5))
     r = out["tasks"]["quiz"]
     asked = [i for i in range(40) if i not in r["pool"]]
     assert r["n"] == 35 and set(r["contexts"]) == {"0-shot", "1-shot", "3-shot", "expert",
                                                    "expert+3-shot"}
-    for role in ("base", "unlearned"):
-        assert r["contexts"]["0-shot"][role]["acc"] == pytest.approx(
-            quiz_ctx.plain_acc(role, "quiz", asked))
+    task, items = quiz_ctx.tasks["quiz"], quiz_ctx.items["quiz"]
+    for label, system in (("0-shot", None), ("expert", r["system_prompt"])):
+        prompts = [build_prompt(items[i], task, quiz_ctx.style, system=system) for i in asked]
+        for role, s in quiz_ctx.subjects.items():  # scored here, one plain call per context
+            lls = loglikelihoods(s.model, s.tokenizer, [Request(c, tuple(k)) for c, k in prompts],
+                                 progress=False)
+            acc = np.mean([np.argmax(ll) == items[i].answer for ll, i in zip(lls, asked)])
+            assert r["contexts"][label][role]["acc"] == pytest.approx(acc), (label, role)
     rec = out["recovery"]["quiz"]
-    assert rec["attacked"] == r["contexts"][rec["best_context"]]["unlearned"]["acc"]
-
-
-def test_fewshot_prompt_holds_k_pool_examples():
-    items = [MCQItem(f"Question {i}?", ("a", "b", "c", "d"), i % 4) for i in range(3)]
-    reg = Registry.build()
-    task = reg.tasks["wmdp_bio"]
-    ctx, _ = build_prompt(items[2], task, PROMPT_STYLES["lmeval"], fewshot=items[:2],
-                          system="You are an expert.")
-    assert ctx.startswith("You are an expert.\n\nThe following are multiple choice")
-    assert ctx.count("Answer:") == 3 and "Question 0?" in ctx and ctx.endswith("Answer:")
+    assert rec["attacked"] == max(c["unlearned"]["acc"] for c in r["contexts"].values())
+    assert rec["base_attacked"] == max(c["base"]["acc"] for c in r["contexts"].values())
 
 
 def test_activation_norms_match_a_naive_per_text_forward(quiz_ctx):
@@ -305,7 +347,7 @@ def _numbers(text: str) -> list[float]:
 def test_audit_writes_every_figure_and_resumes(tiny_pair, tmp_path, monkeypatch):
     out = tmp_path / "audit"
     config = audit_config(settings=_audit_args(tiny_pair, tmp_path, out), overrides=SMALL)
-    record = run_audit(config, progress=False)
+    run_audit(config, progress=False)
     on_disk = json.loads((out / "audit.json").read_text())
     assert set(on_disk["attacks"]) == {"probe", "relearn", "gcg", "fewshot", "activations"}
     assert on_disk["config"]["gcg"]["steps"] == 2 and on_disk["reference"]["base"]["quiz"]["n"] == 24
@@ -323,7 +365,6 @@ def test_audit_writes_every_figure_and_resumes(tiny_pair, tmp_path, monkeypatch)
     assert gcg["n_train"] == 4 and gcg["tasks"]["quiz"]["n_held_out"] == 20
     assert gcg["recovery"]["quiz"]["n"] == 20
     assert len(gcg["suffixes"]["unlearned"]["loss"]) == 3
-    assert record["attacks"].keys() == on_disk["attacks"].keys()
 
     calls = []
     monkeypatch.setitem(__import__("wmdp.audit.run", fromlist=["ATTACKS"]).ATTACKS, "gcg",
@@ -381,3 +422,28 @@ def test_settings_layer_preset_file_flags_and_overrides(tmp_path):
         audit_config(overrides=["gcg.stepz=3"])
     with pytest.raises(WmdpError, match="unknown audit preset"):
         audit_config("tpu")
+
+
+def test_question_states_halve_a_batch_that_runs_out_of_memory(tmp_path, monkeypatch):
+    import numpy as np
+
+    from conftest import MISTRAL_TOK, save_tiny_model
+    from wmdp import layers
+    from wmdp.audit import probe
+    from wmdp.audit.common import Subject
+    from wmdp.models import load_model
+
+    model, tok = load_model(save_tiny_model(tmp_path / "m", "llama", MISTRAL_TOK), device="cpu")
+    subject = Subject("base", model, tok)
+    contexts = [f"question number {i} " * (1 + i % 4) for i in range(10)]
+    whole = probe.question_states(subject, contexts, [0, 1], None, batch_size=16)
+    real = layers.read_layers
+
+    def small_memory(model, inputs, *a, **k):
+        if inputs["input_ids"].shape[0] > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(model, inputs, *a, **k)
+
+    monkeypatch.setattr(probe, "read_layers", small_memory)
+    split = probe.question_states(subject, contexts, [0, 1], None, batch_size=16)
+    assert np.allclose(whole, split, atol=1e-5)

@@ -216,3 +216,12 @@ def test_device_map_auto_loads_through_accelerate_and_scores_the_same(llama_mist
     sharded = evaluate_model(model, tok, ["q"], reg, progress=False)
     for a, b in zip(plain["samples"]["q"], sharded["samples"]["q"]):
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)
+
+
+def test_a_continuation_longer_than_the_context_is_a_clear_error():
+    from wmdp.errors import WmdpError
+    from wmdp.scoring import build_rows
+
+    assert build_rows([([1, 2, 3], [[4, 5]])], max_length=2)[0].reads == ((0, 0, (4, 5)),)
+    with pytest.raises(WmdpError, match="continuation of 3 tokens does not fit the context length 2"):
+        build_rows([([1, 2], [[4, 5, 6]])], max_length=2)

@@ -90,6 +90,9 @@ def build_rows(encoded: list[tuple[list[int], list[list[int]]]], max_length: int
                                                   for j, c in enumerate(conts))))
             continue
         for j, cont in enumerate(conts):  # exact per-choice scoring, lm-eval's arithmetic
+            if len(cont) > max_length:
+                raise WmdpError(f"a continuation of {len(cont)} tokens does not fit the "
+                                f"context length {max_length}")
             if not cont:
                 rows.append(Row(i, tuple(ctx[-max_length:]), ((j, -1, ()),)))
                 continue
@@ -98,7 +101,7 @@ def build_rows(encoded: list[tuple[list[int], list[list[int]]]], max_length: int
     return rows
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
@@ -203,7 +206,7 @@ def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int | str = "au
         try:
             scores = _score_batch(model, [rows[j] for j in idx])
         except RuntimeError as e:
-            if not _is_oom(e) or bs == 1:
+            if not is_oom(e) or bs == 1:
                 raise
             bs = max(1, bs // 2)  # back off and retry the same rows
             if torch.cuda.is_available():

@@ -8,7 +8,8 @@ rest are asked. Every asked question gets its own `max(shots)` examples drawn fr
 placed lm-eval's way by `wmdp.tasks.build_prompt(fewshot=...)`. Contexts: each k in `shots`,
 `expert` (a system prompt that claims expertise, 0-shot) and `expert+{max}-shot`. Scored with
 `wmdp.scoring.loglikelihoods`, as the evaluator scores; `acc` is the argmax of the summed
-log-likelihoods. Both models see the same prompts.
+log-likelihoods. Both models see the same prompts. `0-shot` is the plain prompt, so its figures
+are the audit's reference (the evaluator's own scoring) on the asked questions.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from wmdp.audit.common import AuditContext, recovery_entry, wilson_interval
+from wmdp.audit.common import AuditContext, question_correct, recovery_entry, wilson_interval
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
 from wmdp.evaluate import mean_stderr
-from wmdp.scoring import Request, loglikelihoods
+from wmdp.scoring import Request
 from wmdp.tasks import build_prompt
 
 
@@ -66,22 +67,21 @@ def fewshot_task(ctx: AuditContext, name: str, config: FewshotConfig) -> tuple[d
     system = config.system_prompt.format(topic=task.topic)
     out: dict = {"pool": pool, "n": len(asked), "system_prompt": system, "contexts": {}}
     for label, (k, expert) in contexts(config).items():
-        requests = []
-        for i in asked:
-            context, conts = build_prompt(items[i], task, ctx.style,
-                                          fewshot=[items[j] for j in shots[i][:k]],
-                                          system=system if expert else None)
-            requests.append(Request(context, tuple(conts)))
+        if k == 0 and not expert:  # the plain prompt: the reference scored it already
+            correct = {role: [ctx.reference[role][name][i] for i in asked] for role in ctx.subjects}
+        else:
+            prompts = [build_prompt(items[i], task, ctx.style,
+                                    fewshot=[items[j] for j in shots[i][:k]],
+                                    system=system if expert else None) for i in asked]
+            requests = [Request(context, tuple(conts)) for context, conts in prompts]
+            correct = {role: question_correct(ctx, role, requests, [items[i].answer for i in asked],
+                                              ctx.progress and f"fewshot {name} {label} ({role})")
+                       for role in ctx.subjects}
         entry = {}
-        for role, subject in ctx.subjects.items():
-            lls = loglikelihoods(subject.model, subject.tokenizer, requests,
-                                 batch_size=ctx.batch_size,
-                                 add_special_tokens=ctx.add_special_tokens(role),
-                                 progress=ctx.progress and f"fewshot {name} {label} ({role})")
-            correct = [float(int(np.argmax(ll)) == items[i].answer) for ll, i in zip(lls, asked)]
-            acc = float(np.mean(correct))
-            entry[role] = {"acc": acc, "acc_stderr": mean_stderr(correct),
-                           "ci95": list(wilson_interval(acc, len(correct)))}
+        for role, c in correct.items():
+            acc = float(np.mean(c))
+            entry[role] = {"acc": acc, "acc_stderr": mean_stderr(c),
+                           "ci95": list(wilson_interval(acc, len(c)))}
         out["contexts"][label] = entry
     best = max(out["contexts"], key=lambda c: out["contexts"][c]["unlearned"]["acc"])
     recovery = recovery_entry(ctx, name, out["contexts"][best]["unlearned"]["acc"],

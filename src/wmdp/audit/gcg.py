@@ -19,6 +19,10 @@ few answer strings likely everywhere, which lowers held-out accuracy). Each step
 4. every candidate's objective, in batched forwards (`wmdp.scoring.score_rows`, the LM head on the
    answer positions only); the best becomes the suffix.
 
+Both the gradient and the candidates' objective are computed on the evaluator's own rows
+(`wmdp.scoring.build_rows`, cut to the model's context length), so what is optimised is what the
+accuracy with the suffix is scored on.
+
 The suffix with the lowest objective seen is kept; the accuracy of the model with and without it
 is measured on every other question (held out), per task, with the evaluator's scoring, on the
 base model and on the unlearned model (each with its own suffix). `nanogcg` is not used: it pins
@@ -34,12 +38,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from wmdp.audit.common import AuditContext, Subject, recovery_entry
+from wmdp.audit.common import AuditContext, Subject, question_correct, recovery_entry
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
 from wmdp.models import input_device, model_max_length
-from wmdp.scoring import (Request, Row, build_rows, encode_requests, loglikelihoods,
-                           score_rows)
+from wmdp.scoring import Request, Row, build_rows, encode_requests, score_rows
 from wmdp.tasks import PromptStyle, Task, build_prompt
 
 
@@ -72,7 +75,7 @@ class _Question:
     continuations: tuple[str, ...]
 
     def encoded(self, suffix: list[int]) -> tuple[list[int], list[list[int]]]:
-        """(context tokens, continuation tokens) with `suffix` inserted, as `build_rows` takes them."""
+        """(context tokens, continuation tokens) with `suffix` inserted: `build_rows`' input."""
         return self.prefix + suffix + self.tail, self.choices
 
 
@@ -142,16 +145,19 @@ def objective_gradient(model: torch.nn.Module, questions: list[_Question], suffi
         at = len(q.prefix) - _cut(row, len(q.prefix) + n + len(q.tail))  # suffix start in the row
         lo, hi = max(at, 0), max(at + n, 0)
         ids = torch.tensor(row.tokens, dtype=torch.long, device=dev)
-        embeds.append(torch.cat([weight[ids[:lo]], suffix_embeds[lo - at:hi - at], weight[ids[hi:]]]))
+        embeds.append(torch.cat([weight[ids[:lo]], suffix_embeds[lo - at:hi - at],
+                                 weight[ids[hi:]]]))  # (T_row, d)
     width = max(e.shape[0] for e in embeds)
-    embeds = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, width - e.shape[0])) for e in embeds])
-    logprobs = torch.log_softmax(model(inputs_embeds=embeds.to(input_device(model)),
+    padded = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, width - e.shape[0]))
+                          for e in embeds])  # (R, T, d), right-padded: causal, no mask needed
+    logprobs = torch.log_softmax(model(inputs_embeds=padded.to(input_device(model)),
                                        use_cache=False).logits.float(), dim=-1)  # (R, T, V)
     lls: list[list] = [[None] * len(q.choices) for q in questions]
     for b, row in enumerate(rows):
         for choice, start, targets in row.reads:
             pos = torch.arange(start, start + len(targets), device=logprobs.device)
-            lls[row.request][choice] = logprobs[b, pos, torch.tensor(targets, device=logprobs.device)].sum()
+            tgt = torch.tensor(targets, device=logprobs.device)
+            lls[row.request][choice] = logprobs[b, pos, tgt].sum()
     answers = torch.tensor([q.answer for q in questions])
     loss = question_objective(torch.stack([torch.stack(ll) for ll in lls]), answers,
                               objective).mean()
@@ -254,10 +260,7 @@ def accuracy_with_suffix(ctx: AuditContext, role: str, questions: list[_Question
                          suffix: str) -> list[float]:
     """Per-question correctness with `suffix` inserted, scored as the evaluator scores."""
     requests = [Request(q.prefix_text + suffix + q.tail_text, q.continuations) for q in questions]
-    subject = ctx.subjects[role]
-    lls = loglikelihoods(subject.model, subject.tokenizer, requests, batch_size=ctx.batch_size,
-                         add_special_tokens=ctx.add_special_tokens(role), progress=False)
-    return [float(int(np.argmax(ll)) == q.answer) for ll, q in zip(lls, questions)]
+    return question_correct(ctx, role, requests, [q.answer for q in questions])
 
 
 def split_questions(ctx: AuditContext, num_train: int) -> tuple[list, dict[str, list[int]]]:

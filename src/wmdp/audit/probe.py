@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from wmdp.audit.common import (AuditContext, Subject, batch_size_of, batches_by_length,
-                               recovery_entry, resolve_layers, right_padded, wilson_interval)
+from wmdp.audit.common import (AuditContext, Subject, batches_by_length, recovery_entry,
+                               resolve_layers, right_padded, wilson_interval)
 from wmdp.layers import read_layers
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
 from wmdp.models import input_device, model_max_length
-from wmdp.scoring import Request, encode_requests
+from wmdp.scoring import Request, encode_requests, initial_batch_size, is_oom
 from wmdp.tasks import Task, build_prompt
 
 KINDS = ("auto", "letter", "content")
@@ -73,17 +73,27 @@ def question_states(subject: Subject, contexts: list[str], layer_ids: list[int],
     rows = [ids[-max_length:] for ids, _ in
             encode_requests(tok, [Request(c, ()) for c in contexts], add_special_tokens)]
     out: np.ndarray | None = None
-    bs = batch_size_of(batch_size, model)
+    bs = initial_batch_size(batch_size, model)
     bar = tqdm(total=len(rows), desc=progress or "states", disable=not progress, leave=False)
+    def states(idx: list[int]) -> np.ndarray:  # (B, L, d); halves a batch that runs out of memory
+        try:
+            ids = right_padded([rows[i] for i in idx], input_device(model))
+            last = torch.tensor([len(rows[i]) - 1 for i in idx])
+
+            def at_last(h: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, d)
+                return h[torch.arange(len(idx), device=h.device), last.to(h.device)].float().cpu()
+
+            got = read_layers(model, {"input_ids": ids}, layer_ids, at_last)
+            return torch.stack([got[i] for i in layer_ids], dim=1).numpy()
+        except RuntimeError as e:
+            if not is_oom(e) or len(idx) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(idx) // 2
+            return np.concatenate([states(idx[:half]), states(idx[half:])])
+
     for idx in batches_by_length(rows, bs):
-        ids = right_padded([rows[i] for i in idx], input_device(model))
-        last = torch.tensor([len(rows[i]) - 1 for i in idx])
-
-        def at_last(h: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, d)
-            return h[torch.arange(len(idx), device=h.device), last.to(h.device)].float().cpu()
-
-        got = read_layers(model, {"input_ids": ids}, layer_ids, at_last)
-        block = torch.stack([got[i] for i in layer_ids], dim=1).numpy()  # (B, L, d)
+        block = states(idx)
         if out is None:
             out = np.zeros((len(rows), len(layer_ids), block.shape[-1]), dtype=np.float32)
         out[idx] = block
@@ -154,6 +164,9 @@ def cross_validated(kind: str, x: dict[str, np.ndarray], answers: np.ndarray,
     # the control pairs each question with another question's answer (a permutation)
     perm = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     out = {k: np.zeros(n) for k in [*x, *([f"{transfer[0]}->{transfer[1]}"] if transfer else [])]}
+    # the content probe's target: the embedding of each question's (permuted) answer, (n, d_emb)
+    target = {role: choices[role][np.arange(n), answers][perm] for role in x} \
+        if kind == "content" else {}
     for train, test in folds:
         for role in x:
             if kind == "letter":
@@ -162,8 +175,7 @@ def cross_validated(kind: str, x: dict[str, np.ndarray], answers: np.ndarray,
                 if transfer and role == transfer[0]:
                     preds[f"{role}->{transfer[1]}"] = fit.predict(x[transfer[1]][test])
             else:
-                target = choices[role][np.arange(n), answers][perm]  # (n, d_emb)
-                fit = _content_fit(x[role][train], target[train], config)
+                fit = _content_fit(x[role][train], target[role][train], config)
                 preds = {role: _nearest_choice(fit.predict(x[role][test]), choices[role][test])}
                 if transfer and role == transfer[0]:
                     preds[f"{role}->{transfer[1]}"] = _nearest_choice(
@@ -255,7 +267,7 @@ def run_probe(ctx: AuditContext, config: ProbeConfig) -> dict:
     kinds: dict[str, list[str]] = {}
     for name, task in ctx.tasks.items():
         kinds.setdefault(probe_kind(task, config.kind), []).append(name)
-    groups = [(k, names) for k, names in kinds.items()] if config.pool_tasks else \
+    groups = list(kinds.items()) if config.pool_tasks else \
         [(k, [n]) for k, names in kinds.items() for n in names]
     tasks: dict[str, Any] = {}
     pooled: dict[str, Any] = {}

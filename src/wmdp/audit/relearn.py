@@ -3,11 +3,11 @@
     wmdp audit --model UNLEARNED --base BASE --tasks wmdp_bio --attacks relearn \
         --forget-corpora cais/wmdp-bio-forget-corpus --retain-corpora wikitext --output DIR
 
-A copy of each model (full fine-tuning) or the model with LoRA adapters (peft; removed after)
-trains on N forget-corpus texts for K steps, and separately on N retain texts (the control: an
-unlearning that only hides knowledge often gives it back to fine-tuning on unrelated text),
-with the causal-LM loss; every audited task is re-evaluated with `wmdp.evaluate.evaluate_model`
-every `eval_every` steps. Step 0 is the plain accuracy.
+Each model (full fine-tuning, its weights put back after from a CPU snapshot) or the model with
+LoRA adapters (peft; removed after) trains on N forget-corpus texts for K steps, and separately
+on N retain texts (the control: an unlearning that only hides knowledge often gives it back to
+fine-tuning on unrelated text), with the causal-LM loss; every audited task is re-evaluated
+with `wmdp.evaluate.evaluate_model` every `eval_every` steps. Step 0 is the plain accuracy.
 
 Which texts: with `disjoint` (default), texts that never mention an audited question's rarest
 word (its word found in the fewest candidate texts; in the sandbox, the entity's name) are taken
@@ -18,23 +18,21 @@ The model stays in eval mode (no dropout) while it trains, as RMU does.
 
 from __future__ import annotations
 
-import copy
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from wmdp.audit.common import AuditContext, Subject, interleaved, recovery_entry
+from wmdp.audit.common import (AuditContext, Subject, interleaved, recovery_entry,
+                               task_accuracy)
 from wmdp.data.corpus import Corpus
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
-from wmdp.evaluate import EvalConfig, evaluate_model
 from wmdp.io import sha256_json
 from wmdp.models import input_device
-from wmdp.tasks import Registry
 from wmdp.unlearn.batches import chunk, tokenize, training_tokenizer
 
 METHODS = ("full", "lora")
@@ -52,7 +50,7 @@ class RelearnConfig:
     lr: float = 1e-3                  # AdamW learning rate
     weight_decay: float = 0.0
     max_length: int = 256             # tokens per text (longer ones are truncated)
-    method: str = "full"              # full fine-tuning of a copy, or lora (peft adapters)
+    method: str = "full"              # full fine-tuning (weights restored after), or lora (peft)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])  # peft target_modules
@@ -81,18 +79,30 @@ def select_texts(corpora: list[Corpus], n: int, questions: list[MCQItem],
         keys.append(found[0][1] if found else None)
     key_set = {k for k in keys if k is not None}
     clean = [i for i, ws in enumerate(pool_words) if not ws & key_set]
-    order = (clean + [i for i in range(len(pool)) if i not in set(clean)]) if disjoint \
+    clean_set = set(clean)
+    order = (clean + [i for i in range(len(pool)) if i not in clean_set]) if disjoint \
         else list(range(len(pool)))
     chosen = order[:n]
     seen = set().union(*(pool_words[i] for i in chosen))
     return [pool[i] for i in chosen], [k is not None and k in seen for k in keys]
 
 
-def _attach(model: torch.nn.Module, config: RelearnConfig) -> tuple[Any, list[torch.nn.Parameter]]:
-    """The model to train and its trainable parameters: a full copy, or LoRA adapters."""
+def _attach(model: torch.nn.Module,
+            config: RelearnConfig) -> tuple[Any, list[torch.nn.Parameter], Callable[[], Any]]:
+    """The model to train, its trainable parameters, and what puts the model back as it was:
+    full fine-tuning trains the model itself and copies its weights back from a CPU snapshot;
+    LoRA adds adapters and unloads them (the original modules back, weights untouched)."""
     if config.method == "full":
-        tuned = copy.deepcopy(model).requires_grad_(True)
-        return tuned, list(tuned.parameters())
+        params = list(model.parameters())
+        saved = [p.detach().to("cpu", copy=True) for p in params]
+        model.requires_grad_(True)
+
+        def restore() -> None:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+                    p.grad = None
+        return model, params, restore
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -100,20 +110,7 @@ def _attach(model: torch.nn.Module, config: RelearnConfig) -> tuple[Any, list[to
     targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else config.lora_targets
     tuned = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                              lora_dropout=0.0, target_modules=targets))
-    return tuned, [p for p in tuned.parameters() if p.requires_grad]
-
-
-def _detach(tuned: Any, config: RelearnConfig) -> None:
-    if config.method == "lora":
-        tuned.unload()  # the original modules back, weights untouched
-
-
-def _evaluate(model: Any, tokenizer: Any, ctx: AuditContext) -> dict[str, list[float]]:
-    registry = Registry(tasks=dict(ctx.tasks), groups={})
-    config = EvalConfig(batch_size=ctx.batch_size, prompt_style=ctx.style.name)
-    res = evaluate_model(model, tokenizer, list(ctx.tasks), registry, config=config,
-                         progress=False, items=ctx.items)
-    return {t: [s["acc"] for s in res["samples"][t]] for t in ctx.tasks}
+    return tuned, [p for p in tuned.parameters() if p.requires_grad], tuned.unload
 
 
 def relearn_curve(subject: Subject, texts: list[str], ctx: AuditContext,
@@ -125,7 +122,7 @@ def relearn_curve(subject: Subject, texts: list[str], ctx: AuditContext,
     rng = random.Random(ctx.seed)
     tok = training_tokenizer(subject.tokenizer)
     flags = [p.requires_grad for p in subject.model.parameters()]
-    tuned, params = _attach(subject.model, config)
+    tuned, params, restore = _attach(subject.model, config)
     try:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         curve = [{"step": 0, "loss": None, "correct": dict(ctx.reference[subject.role])}]
@@ -145,13 +142,15 @@ def relearn_curve(subject: Subject, texts: list[str], ctx: AuditContext,
             losses.append(loss.item())
             if step % config.eval_every == 0 or step == config.steps:
                 with torch.no_grad():
-                    correct = _evaluate(tuned, subject.tokenizer, ctx)
+                    figures = task_accuracy(tuned, subject.tokenizer, ctx.tasks, ctx.items,
+                                            ctx.style.name, ctx.batch_size)
+                correct = {t: f["correct"] for t, f in figures.items()}
                 curve.append({"step": step, "loss": sum(losses) / len(losses),
                               "correct": correct})
                 losses = []
         optimizer.zero_grad(set_to_none=True)
     finally:
-        _detach(tuned, config)
+        restore()
         for p, flag in zip(subject.model.parameters(), flags):
             p.requires_grad_(flag)
     return curve

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from wmdp.audit.activations import ActivationsConfig, run_activations
-from wmdp.audit.common import ROLES, AuditContext, Subject
+from wmdp.audit.common import ROLES, AuditContext, Subject, task_accuracy
 from wmdp.audit.fewshot import FewshotConfig, run_fewshot
 from wmdp.audit.gcg import GCGConfig, run_gcg
 from wmdp.audit.probe import ProbeConfig, run_probe
@@ -31,7 +31,6 @@ from wmdp.audit.verdicts import gap_tasks, verdict
 from wmdp.config import apply_overrides, from_dict, load_yaml, to_dict
 from wmdp.data.corpus import load_corpus
 from wmdp.errors import WmdpError
-from wmdp.evaluate import EvalConfig, evaluate_model
 from wmdp.io import library_versions, prepare_output_dir, read_json, sha256_json, write_json
 from wmdp.models import check_model_source, load_model
 from wmdp.tasks import PROMPT_STYLES, Registry
@@ -167,15 +166,9 @@ def _load_models(config: AuditConfig) -> dict[str, tuple[Any, Any]]:
 def reference_accuracy(subjects: dict[str, Subject], tasks: dict, items: dict,
                        config: AuditConfig, progress: bool) -> dict:
     """Both models' plain 0-shot accuracy, per task and per question: every attack's baseline."""
-    registry = Registry(tasks=dict(tasks), groups={})
-    out: dict[str, dict] = {}
-    for role, s in subjects.items():
-        ec = EvalConfig(model=role, batch_size=config.batch_size, prompt_style=config.prompt_style)
-        res = evaluate_model(s.model, s.tokenizer, list(tasks), registry, config=ec,
-                             progress=progress, items=items)
-        out[role] = {t: {**{k: res["results"][t][k] for k in ("acc", "acc_stderr", "n")},
-                         "correct": [x["acc"] for x in res["samples"][t]]} for t in tasks}
-    return out
+    return {role: task_accuracy(s.model, s.tokenizer, tasks, items, config.prompt_style,
+                                config.batch_size, progress, label=role)
+            for role, s in subjects.items()}
 
 
 def _model_record(subject: Subject, source: str, revision: str | None) -> dict:

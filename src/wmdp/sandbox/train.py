@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wmdp.io import write_jsonl
+from wmdp.io import jsonl_records, write_jsonl
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -109,10 +109,9 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, texts: list[str],
                  tokenizer: Any, out: Path, data_dir: Path, seed: int,
-                 eval_tasks: list[str] | None = None, progress: bool = True) -> None:
+                 progress: bool = True) -> None:
         self.model_config, self.config, self.tokenizer = model_config, config, tokenizer
         self.out, self.data_dir, self.seed, self.progress = out, data_dir, seed, progress
-        self.eval_tasks = eval_tasks
         eos = tokenizer.eos_token_id
         self.examples = [ids + [eos] for ids in tokenizer(texts)["input_ids"]]
         self.steps_per_epoch = math.ceil(len(self.examples) / config.batch_size)
@@ -190,8 +189,7 @@ class Trainer:
         from wmdp.tasks import Registry
 
         registry = Registry.build(self.data_dir)
-        tasks = self.eval_tasks or [n for n, t in registry.tasks.items()
-                                    if t.path is not None and t.format == "cloze"]
+        tasks = [n for n, t in registry.tasks.items() if t.path is not None and t.format == "cloze"]
         self.model.eval()
         res = evaluate_model(self.model, self.tokenizer, tasks, registry, progress=False,
                              config=EvalConfig(batch_size=self.config.eval_batch_size))
@@ -207,12 +205,9 @@ class Trainer:
 
 def _read_log(path: Path, upto: int) -> list[dict]:
     """The log lines of epochs a checkpoint holds (a crash may have left one more)."""
-    import json
-
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return [r for r in rows if r["epoch"] <= upto]
+    return [r for _, r in jsonl_records(path) if r["epoch"] <= upto]
 
 
 def _describe(record: dict) -> str:
