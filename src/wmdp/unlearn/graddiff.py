@@ -40,13 +40,7 @@ class GradDiff(LMMethod):
         forget_nll = mean_nll(self.logits(forget), forget)
         forget_loss = -c.forget_weight * forget_nll
         metrics = {"forget_loss": forget_loss.item(), "forget_nll": forget_nll.item()}
-        if c.retain_weight == 0.0:  # gradient ascent: no retain forward at all
-            return forget_loss, metrics
-        retain = self.tokenize(step.retain)
-        retain_nll = mean_nll(self.logits(retain), retain)
-        retain_loss = c.retain_weight * retain_nll
-        metrics.update(retain_loss=retain_loss.item(), retain_nll=retain_nll.item())
-        return forget_loss + retain_loss, metrics
+        return self.plus_retain_nll(step, forget_loss, metrics, c.retain_weight)
 
 
 PRESETS = presets("graddiff", zephyr={}, sandbox={"lr": 1e-3})

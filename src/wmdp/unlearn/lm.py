@@ -110,6 +110,18 @@ class LMMethod:
     def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**inputs, use_cache=False).logits
 
+    def plus_retain_nll(self, step: Any, forget_loss: torch.Tensor, metrics: dict[str, float],
+                        weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """`forget_loss + weight * nll(retain)`, the retain term GradDiff and NPO+RT add (no
+        retain forward at weight 0)."""
+        if weight == 0.0:
+            return forget_loss, metrics
+        retain = self.tokenize(step.retain)
+        retain_nll = mean_nll(self.logits(retain), retain)
+        retain_loss = weight * retain_nll
+        metrics.update(retain_loss=retain_loss.item(), retain_nll=retain_nll.item())
+        return forget_loss + retain_loss, metrics
+
     @contextmanager
     def original(self) -> Iterator[None]:
         """The original model, without gradients: trained tensors' first values swapped in."""

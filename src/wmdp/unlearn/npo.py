@@ -58,16 +58,11 @@ class NPO(LMMethod):
     def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         forget = self.tokenize(step.forget)
-        log_ratio = sequence_logprob(self.logits(forget), forget) - self.ref_logprobs[step.idx % self.schedule.num_batches]
+        ref = self.ref_logprobs[step.idx % self.schedule.num_batches]
+        log_ratio = sequence_logprob(self.logits(forget), forget) - ref
         forget_loss = -(2.0 / c.beta) * F.logsigmoid(-c.beta * log_ratio).mean()
         metrics = {"forget_loss": forget_loss.item(), "log_ratio": log_ratio.mean().item()}
-        if c.retain_weight == 0.0:
-            return forget_loss, metrics
-        retain = self.tokenize(step.retain)
-        retain_nll = mean_nll(self.logits(retain), retain)
-        retain_loss = c.retain_weight * retain_nll
-        metrics.update(retain_loss=retain_loss.item(), retain_nll=retain_nll.item())
-        return forget_loss + retain_loss, metrics
+        return self.plus_retain_nll(step, forget_loss, metrics, c.retain_weight)
 
 
 PRESETS = presets("npo", zephyr={}, sandbox={"lr": 2e-3})
