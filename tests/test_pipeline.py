@@ -11,7 +11,7 @@ import yaml
 
 from conftest import MISTRAL_TOK, save_tiny_model, write_mcq_jsonl
 from wmdp.config import from_dict
-from wmdp.pipeline import DEFAULT, RunConfig, load_run_config, run_pipeline
+from wmdp.pipeline import RunConfig, load_run_config, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,18 +157,20 @@ def test_configs_sandbox_yaml_is_the_embedded_default():
 
 @pytest.mark.parametrize("name", ["zephyr-7b-rmu.yaml", "yi-34b-rmu.yaml", "mixtral-8x7b-rmu.yaml"])
 def test_gpu_recipes_parse_and_resolve(name):
-    from wmdp.pipeline import Pipeline
-
     cfg = load_run_config(ROOT / "configs" / name)
     assert cfg.model and cfg.unlearn.preset
     text = (ROOT / "configs" / name).read_text()
     assert text.startswith("# wmdp run configs/")
     assert yaml.safe_load(text)["unlearn"]["method"] == "rmu"
-    _ = Pipeline  # resolution of the unlearning settings needs no model download
-    from wmdp.unlearn import resolve
+    from wmdp.unlearn import resolve  # resolving the settings needs no model download
 
     _, hp, uc = resolve("rmu", preset=cfg.unlearn.preset, settings={"output": "x"})
     assert uc.seed == 42 and uc.retain_corpora == ["wikitext", "wikitext"]
+    published = {"zephyr-7b": (7, [5, 6, 7], 6.5, 1200.0, 4, 150),
+                 "yi-34b": (15, [13, 14, 15], 300.0, 350.0, 2, 400),
+                 "mixtral-8x7b": (7, [5, 6, 7], 300.0, 1600.0, 2, 400)}[cfg.unlearn.preset]
+    assert (hp.layer_id, hp.layer_ids, hp.steering_coeffs[0], hp.alpha[0], uc.batch_size,
+            uc.max_num_batches) == published and hp.lr == 5e-5
 
 
 def test_config_overrides_unknown_keys_and_exponents():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wmdp.unlearn.batches import Step, TopicBatches
-from wmdp.unlearn.lm import LMMethod, mean_nll, presets, sequence_logprob
+from wmdp.unlearn.lm import LMMethod, presets, sequence_logprob
 
 
 @dataclass
