@@ -1,11 +1,29 @@
-"""A naive RMU, written the way the reference code runs it: two full model copies, full
-forwards with a hook that caches a layer's output, gradients into every layer, and the legacy
-`transformers.AdamW` update written out. Tests compare the engine with it; the speed benchmark
-times the engine against it."""
+"""The RMU reference procedure, encoded from the published code (centerforaisafety/wmdp,
+rmu/utils.py and rmu/unlearn.py at commit bc5e1ba) independently of wmdp's engine: two full
+model copies, full forwards with a hook that caches a layer's output, gradients into every
+layer, and the legacy `transformers.AdamW` update written out. Its input pipeline is the
+reference's, not wmdp's:
+
+- `reference_tokenizer`: `load_model`'s `tokenizer.pad_token_id = tokenizer.eos_token_id` and
+  `tokenizer.padding_side = "left"` (the published code sets both; `set_left=False` leaves the
+  side as the tokenizer is configured), and `run_rmu`'s `truncation_side = "right"`;
+- `reference_get_data`: `get_data` reading `data/{name}.jsonl`: `json.loads(line)['text']` when
+  the name contains "bio-forget-corpus", else the raw line; kept when `len(...) > min_len`;
+  chunked into batches of `batch_size`;
+- each step: `tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
+  max_length=512 if topic_idx == 0 else 768)` for forget, 512 for retain; `model(**inputs)`
+  (input_ids and attention_mask, no position ids); `mse_loss` over every position, padding too.
+
+What the test supplies from wmdp's side, and says so: the control vectors (wmdp draws them from
+its own seeded generator, a documented difference from the reference's global RNG).
+Tests compare the engine with it; the speed benchmark times the engine against it.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -49,27 +67,37 @@ class NaiveLegacyAdamW:
             p.addcdiv_(m, v.sqrt() + self.eps, value=-size)
 
 
-def naive_rmu(updated, frozen, tokenizer, layers_of, mlp_out_of, forget, retain, *, layer_id,
-              layer_ids, steering_coeffs, alpha, lr, batch_size, max_num_batches, seed,
-              mask_padding=False):
-    """Returns (per-step [forget_loss, retain_loss], updated model)."""
-    tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+def reference_tokenizer(path, set_left: bool = True):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token_id = tokenizer.eos_token_id
+    if set_left:
+        tokenizer.padding_side = "left"
     tokenizer.truncation_side = "right"
+    return tokenizer
+
+
+def reference_get_data(paths: list[Path], min_len: int, batch_size: int) -> list[list[list[str]]]:
+    out = []
+    for path in paths:
+        data = []
+        for line in open(path):  # text mode: universal newlines, each line with its "\n"
+            raw_text = json.loads(line)["text"] if "bio-forget-corpus" in path.stem else line
+            if len(raw_text) > min_len:
+                data.append(str(raw_text))
+        out.append([data[i:i + batch_size] for i in range(0, len(data), batch_size)])
+    return out
+
+
+def reference_run_rmu(updated, frozen, tokenizer, forget_data, retain_data, *, params_of,
+                      module_of, control_vecs, alpha, lr, max_num_batches, mask_padding=False):
+    """`run_rmu`'s loop. Returns (per-step [forget_loss, retain_loss], updated model)."""
     updated.train()
-    frozen.eval()
-    params = [mlp_out_of(updated, i) for i in layer_ids]
+    params = [p for layer_params in params_of(updated) for p in layer_params]
     opt = NaiveLegacyAdamW(params, lr)
-    g = torch.Generator().manual_seed(seed)
-    controls = []
-    for coeff in steering_coeffs:
-        u = torch.rand(1, 1, updated.config.hidden_size, generator=g)
-        controls.append((u / torch.norm(u) * coeff).to(next(updated.parameters()).dtype))
-    fb = [[t[i:i + batch_size] for i in range(0, len(t), batch_size)] for t in forget]
-    rb = [[t[i:i + batch_size] for i in range(0, len(t), batch_size)] for t in retain]
-    n = min(max_num_batches, *map(len, fb), *map(len, rb))
-    up_mod, fr_mod = layers_of(updated)[layer_id], layers_of(frozen)[layer_id]
-    losses = []
+    up_mod, fr_mod = module_of(updated), module_of(frozen)
+    n = min(max_num_batches, min(len(f) for f in forget_data), min(len(r) for r in retain_data))
 
     def mse(a, b, mask):
         if not mask_padding:
@@ -77,14 +105,15 @@ def naive_rmu(updated, frozen, tokenizer, layers_of, mlp_out_of, forget, retain,
         m = mask.unsqueeze(-1).to(a.dtype)
         return ((a - b) ** 2 * m).sum() / (m.sum() * a.shape[-1])
 
+    losses = []
     for idx in range(n):
-        topic, b = idx % len(forget), idx // len(forget)
-        f_in = tokenizer(fb[topic][b], return_tensors="pt", padding=True, truncation=True,
-                         max_length=512 if topic == 0 else 768)
+        topic, b = idx % len(forget_data), idx // len(forget_data)
+        f_in = tokenizer(forget_data[topic][b], return_tensors="pt", padding=True,
+                         truncation=True, max_length=512 if topic == 0 else 768)
         h_f = forward_with_cache(updated, f_in, up_mod, no_grad=False)
-        forget_loss = mse(h_f, controls[topic], f_in["attention_mask"])
-        r_in = tokenizer(rb[topic][b], return_tensors="pt", padding=True, truncation=True,
-                         max_length=512)
+        forget_loss = mse(h_f, control_vecs[topic], f_in["attention_mask"])
+        r_in = tokenizer(retain_data[topic][b], return_tensors="pt", padding=True,
+                         truncation=True, max_length=512)
         h_r = forward_with_cache(updated, r_in, up_mod, no_grad=False)
         h_r0 = forward_with_cache(frozen, r_in, fr_mod, no_grad=True)
         retain_loss = mse(h_r, h_r0, r_in["attention_mask"]) * alpha[topic]
@@ -94,3 +123,32 @@ def naive_rmu(updated, frozen, tokenizer, layers_of, mlp_out_of, forget, retain,
         opt.step()
         losses.append([forget_loss.item(), retain_loss.item()])
     return losses, updated
+
+
+def seeded_control_vecs(seed: int, hidden: int, coeffs: list[float], dtype=torch.float32):
+    """The control vectors wmdp draws: uniform [0, 1) from a generator seeded with `seed`,
+    normalised, times the topic's coefficient (the reference: the same from the global RNG)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for coeff in coeffs:
+        u = torch.rand(1, 1, hidden, generator=g)
+        out.append((u / torch.norm(u) * coeff).to(dtype))
+    return out
+
+
+def naive_rmu(updated, frozen, tokenizer, layers_of, mlp_out_of, forget, retain, *, layer_id,
+              layer_ids, steering_coeffs, alpha, lr, batch_size, max_num_batches, seed,
+              mask_padding=False):
+    """The reference procedure on in-memory texts (for the speed benchmark and the engine's
+    arithmetic test): the caller's tokenizer gets the reference's settings."""
+    tokenizer.pad_token_id = tokenizer.eos_token_id
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "right"
+    chunk = lambda t: [t[i:i + batch_size] for i in range(0, len(t), batch_size)]  # noqa: E731
+    return reference_run_rmu(
+        updated, frozen, tokenizer, [chunk(t) for t in forget], [chunk(t) for t in retain],
+        params_of=lambda m: [[mlp_out_of(m, i)] for i in layer_ids],
+        module_of=lambda m: layers_of(m)[layer_id],
+        control_vecs=seeded_control_vecs(seed, updated.config.hidden_size, steering_coeffs,
+                                         next(updated.parameters()).dtype),
+        alpha=alpha, lr=lr, max_num_batches=max_num_batches, mask_padding=mask_padding)

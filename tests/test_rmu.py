@@ -318,3 +318,93 @@ def test_left_padded_batches_keep_each_rows_positions(tmp_path):
         h_alone = forward_to_layer(model, alone, 1)[0]
     n = alone["input_ids"].shape[1]
     assert torch.allclose(h_batch[-n:], h_alone, atol=1e-5)
+
+
+def test_last_step_overflow_writes_no_model(tmp_path, capsys):
+    """A finite loss whose update breaks the model on the last step is still caught: one step
+    at lr 1e30 leaves whole blocks' weights near 1e30 (finite), and the logits NaN."""
+    path = save_tiny_model(tmp_path / "base", "llama", MISTRAL_TOK, layers=4)
+    files = _corpus_files(tmp_path)
+    out = tmp_path / "out"
+    assert _run(path, out, files, "--lr", "1e30", "--max-num-batches", "1",
+                "--set", "rmu.params=layers") == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("wmdp:")]
+    assert len(err) == 1 and "NaN or infinite" in err[0] and "after step 0" in err[0]
+    assert not out.exists() or not any(out.iterdir())  # nothing left behind
+
+
+def test_rerun_of_a_finished_run_says_so_and_does_nothing(tmp_path, capsys):
+    path = save_tiny_model(tmp_path / "base", "llama", MISTRAL_TOK, layers=4)
+    files = _corpus_files(tmp_path)
+    assert _run(path, tmp_path / "out", files) == 0
+    capsys.readouterr()
+    before = _dir_digest(tmp_path / "out")
+    assert _run(path, tmp_path / "out", files) == 0
+    captured = capsys.readouterr()
+    assert "finished run; nothing to do" in captured.err and "wrote" not in captured.out
+    assert _dir_digest(tmp_path / "out") == before
+
+
+def test_missing_model_names_the_flag(tmp_path, capsys):
+    from wmdp.cli import main
+
+    files = _corpus_files(tmp_path)
+    assert main(["unlearn", "rmu", "--output", str(tmp_path / "o"), "--forget-corpora",
+                 files["forget_a"], "--retain-corpora", files["retain"]]) == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+def test_steering_coefficient_count_fails_before_loading(tmp_path, capsys):
+    files = _corpus_files(tmp_path)
+    out = tmp_path / "out"
+    code = _run(tmp_path / "no-such-model", out, files, "--steering-coeffs", "1,2,3")
+    assert code == 2
+    assert "steering_coeffs has 3 values for 2 forget corpora" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bfloat16_run_tracks_float32(tmp_path):
+    """Every published preset runs in bfloat16: the run completes, saves bfloat16 weights,
+    moves only the trained tensors, and its first-step losses (same weights, lower precision)
+    are within bfloat16's error of float32's."""
+    path = save_tiny_model(tmp_path / "base", "llama", MISTRAL_TOK, layers=4)
+    files = _corpus_files(tmp_path)
+
+    def run(dtype):
+        out = tmp_path / dtype
+        args = [a if a != "float32" else dtype for a in ("--dtype", "float32")]
+        assert _run(path, out, files, *args) == 0
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, load_file(out / "model.safetensors")
+
+    from safetensors.torch import load_file
+
+    rows16, w16 = run("bfloat16")
+    rows32, _ = run("float32")
+    base = load_file(path / "model.safetensors")
+    for key in ("forget_loss", "retain_loss"):
+        assert rows16[0][key] == pytest.approx(rows32[0][key], rel=2e-2, abs=1e-3)
+    assert all(math.isfinite(r["loss"]) for r in rows16)
+    moved = {k for k in w16 if not torch.equal(w16[k].float(), base[k].to(torch.bfloat16).float())}
+    assert all(w.dtype == torch.bfloat16 for w in w16.values())
+    assert moved == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+
+
+def test_raw_hub_corpus_reads_the_repositorys_jsonl_file(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from wmdp.data.corpus import load_corpus
+
+    f = tmp_path / "cyber-forget-corpus.jsonl"
+    f.write_text('{"text": "one"}\r\n{"text": "two"}\n', encoding="utf-8")
+    asked = []
+
+    def fake_download(repo_id, filename, repo_type=None, **kw):
+        asked.append((repo_id, filename, repo_type))
+        return str(f)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    corpus = load_corpus("raw:cais/wmdp-corpora:cyber-forget-corpus")
+    assert asked == [("cais/wmdp-corpora", "cyber-forget-corpus.jsonl", "dataset")]
+    assert corpus.texts == ['{"text": "one"}\n', '{"text": "two"}\n']  # universal newlines
+    assert corpus.name == "cyber-forget-corpus"

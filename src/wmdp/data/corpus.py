@@ -7,11 +7,20 @@ A corpus spec is one of:
 - a hub dataset with a `text` column: `org/name`, `org/name:config`, `org/name:config@split`
   (split defaults to `train`), e.g. `cais/wmdp-corpora:cyber-forget-corpus`.
 
-Texts of `min_len` characters or fewer are dropped, as the RMU reference code does.
+- `raw:FILE.jsonl` or `raw:org/name:config`: each line of the JSONL file as it stands, the JSON
+  text with its braces and its newline, not the decoded `text`. The RMU reference reads every
+  corpus not named `bio-forget-corpus` this way (`raw_text = line`), so the published zephyr,
+  Yi and Mixtral runs trained on the cyber forget corpus's raw lines; the published presets say
+  `raw:` to reproduce them. A hub spec reads the dataset repository's `<config>.jsonl` file (the
+  file the reference's `data/` holds), not the parsed rows.
+
+Texts of `min_len` characters or fewer are dropped, as the RMU reference code does (for raw
+lines: the line's length, newline included, as the reference measures it).
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +58,9 @@ def load_corpus(spec: str | Path, min_len: int = 0, limit: int | None = None,
     EleutherAI/wikitext_document_level)."""
     spec = str(spec)
     path = Path(spec).expanduser()
-    if spec == "wikitext":
+    if spec.startswith(RAW):
+        texts, name, source = _raw_lines(spec[len(RAW):], spec)
+    elif spec == "wikitext":
         texts = _hub_texts("wikitext", "wikitext-2-raw-v1", "test", spec)
         name, source = "wikitext", "hub:wikitext/wikitext-2-raw-v1 [test]"
     elif path.suffix.lower() in (".jsonl", ".txt") or path.exists():
@@ -67,12 +78,53 @@ def load_corpus(spec: str | Path, min_len: int = 0, limit: int | None = None,
     return Corpus(name, texts, source)
 
 
+RAW = "raw:"
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(path, f"is not UTF-8 text (byte {e.start})", line) from None
+
+
+def _raw_lines(inner: str, spec: str) -> tuple[list[str], str, str]:
+    """The reference's `for line in open(f"data/{name}.jsonl")`: universal newlines, each line
+    kept whole with its newline (a blank line is the text "\n")."""
+    path = Path(inner).expanduser()
+    if path.is_file():
+        name, source = path.stem, f"raw lines of {path}"
+    elif path.suffix.lower() == ".jsonl" or inner.startswith((".", "~", "/")):
+        raise WmdpError(f"{inner}: corpus file not found")
+    else:
+        dataset, config, _ = parse_hub_spec(inner)
+        filename = f"{config or dataset.split('/')[-1]}.jsonl"
+        path = _hub_file(dataset, filename, spec)
+        name, source = filename[:-len(".jsonl")], f"raw lines of hub:{dataset}/{filename}"
+    lines = list(io.StringIO(_decode(path), newline=None))  # as text-mode open() iterates
+    if not lines:
+        raise DataError(path, "file is empty (no texts)")
+    return lines, name, source
+
+
+def _hub_file(dataset: str, filename: str, spec: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(dataset, filename, repo_type="dataset"))
+    except Exception as e:  # noqa: BLE001 - network, auth and missing files alike
+        raise WmdpError(f"{spec}: cannot fetch {filename} from the hub dataset {dataset} "
+                        f"({str(e).strip().splitlines()[0][:200]}); download it and give "
+                        f"raw:PATH/{filename}") from e
+
+
 def _file_texts(path: Path) -> list[str]:
     if not path.is_file():
         raise WmdpError(f"{path}: corpus file not found")
     if path.suffix.lower() == ".txt":
-        return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
+        return [line.rstrip("\n") for line in _decode(path).splitlines() if line.strip()]
     texts = []
     for lineno, rec in jsonl_records(path):
         if not isinstance(rec, dict) or "text" not in rec:

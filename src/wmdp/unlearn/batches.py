@@ -62,7 +62,9 @@ class TopicBatches:
 
 
 def training_tokenizer(tokenizer: Any) -> Any:
-    """A copy set up as the reference sets it: pad with EOS on the left, truncate on the right.
+    """A copy for the baselines and the audit: the tokenizer's own pad token (EOS where it has
+    none) on the left, truncation on the right; `tokenize` gives each row its own positions.
+    (RMU encodes as its reference does: `reference_tokenizer`, `reference_batch`.)
 
     The caller's tokenizer (and so the one saved with the unlearned model) is left as it was.
     """
@@ -85,6 +87,52 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int,
     """
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     return left_padded(enc["input_ids"], tokenizer.pad_token_id, device)
+
+
+def reference_tokenizer(tokenizer: Any, padding_side: str) -> Any:
+    """A copy set up as the RMU reference's `load_model` sets its tokenizer: EOS as the pad token
+    (always, even where the tokenizer has a pad token of its own), padding on `padding_side`
+    ("left", the reference's `tokenizer.padding_side = "left"`; "right"; or "tokenizer": as the
+    tokenizer is configured), truncation on the right (`run_rmu` sets it)."""
+    if padding_side not in PADDING_SIDES:
+        raise WmdpError(f"padding_side {padding_side!r} is not one of {', '.join(PADDING_SIDES)}")
+    tok = copy.deepcopy(tokenizer)
+    if tok.eos_token is None:
+        if tok.pad_token is None:
+            raise WmdpError("the tokenizer has neither an EOS nor a pad token to pad with")
+    else:
+        tok.pad_token = tok.eos_token
+    if padding_side != "tokenizer":
+        tok.padding_side = padding_side
+    tok.truncation_side = "right"
+    return tok
+
+
+PADDING_SIDES = ("left", "right", "tokenizer")
+POSITION_IDS = ("default", "per_row")
+
+
+def reference_batch(tokenizer: Any, texts: list[str], max_length: int, device: torch.device | str,
+                    position_ids: str = "default") -> dict[str, torch.Tensor]:
+    """One batch as the reference encodes it: `tokenizer(texts, return_tensors="pt",
+    padding=True, truncation=True, max_length=max_length)`, so input_ids and attention_mask only.
+
+    `position_ids="default"` passes none (the model numbers columns 0..T-1 in every row, whatever
+    the padding: the reference's behaviour; harmless for real tokens under RoPE, and the pad
+    positions, which the reference's unmasked loss includes, get the positions it gives them).
+    "per_row" starts each row's positions at its first real token (for learned absolute positions,
+    e.g. GPT-2, under left padding).
+    """
+    if position_ids not in POSITION_IDS:
+        raise WmdpError(f"position_ids {position_ids!r} is not one of {', '.join(POSITION_IDS)}")
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                    max_length=max_length)
+    batch = {"input_ids": enc["input_ids"].to(device),
+             "attention_mask": enc["attention_mask"].to(device)}
+    if position_ids == "per_row":
+        mask = batch["attention_mask"]
+        batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return batch
 
 
 def left_padded(seqs: list[list[int]], pad_id: int,

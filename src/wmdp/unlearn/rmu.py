@@ -12,6 +12,12 @@ Only the MLP output projections of `layer_ids` train. The reference code keeps t
 and runs three full forwards per step; here one model is kept with a copy of just the trained
 tensors' original values (swapped in for the frozen pass), every pass stops at `layer_id`, and on
 retain text the blocks below the first trained one run once for both passes.
+Inputs are encoded as the reference's `load_model` and `run_rmu` encode them (its
+rmu/utils.py and rmu/unlearn.py at commit bc5e1ba): EOS is the pad token even where the
+tokenizer has one, padding on the left (`tokenizer.padding_side = "left"`), truncation on the
+right, no position ids (the model numbers each row's columns 0..T-1), and the loss averages over
+the pad positions too. `padding_side`, `position_ids` and `mask_padding` change these; the run
+record says what ran.
 Differences from the reference, by design: the model runs in eval mode (no dropout: zephyr, Yi
 and Mixtral have none, so their numbers do not move), and the control vectors come from a
 dedicated generator seeded with `seed` (reproducible whatever model loading consumed).
@@ -28,7 +34,8 @@ from torch import nn
 from wmdp.errors import WmdpError
 from wmdp.layers import capture_span, forward_to_layer, replay_span, swapped
 from wmdp.models import TrainedTensor, decoder_layers, input_device, train_only
-from wmdp.unlearn.batches import Step, TopicBatches, tokenize, training_tokenizer
+from wmdp.unlearn.batches import (PADDING_SIDES, POSITION_IDS, Step, TopicBatches, reference_batch,
+                                  reference_tokenizer)
 from wmdp.unlearn.optim import LegacyAdamW, torch_adamw
 
 CUT_NOVICE = "You are a novice in {keyword} who often makes mistakes."
@@ -49,6 +56,8 @@ class RMUConfig:
     forget_max_length: list[int] = field(default_factory=lambda: [512, 768])  # first topic, others
     retain_max_length: int = 512
     mask_padding: bool = False        # the reference averages over padding too
+    padding_side: str = "left"        # the reference's; "right", or "tokenizer" (as configured)
+    position_ids: str = "default"     # none passed, as the reference; "per_row" for GPT-2-like
     control: str = "random"           # "random" (RMU) or "keywords" (v1 "Cut")
     keywords: list[list[str]] = field(default_factory=list)  # per topic, for control=keywords
     adaptive_coeff: float | None = None  # coeff = this x mean |h| on the first forget batch
@@ -68,6 +77,12 @@ def _mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> to
         return torch.nn.functional.mse_loss(h, target.expand_as(h))
     m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
     return ((h - target) ** 2 * m).sum() / (m.sum() * h.shape[-1])
+
+
+def _last_real(mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last real token, whichever side the padding is on. (B,)"""
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    return (cols * mask).argmax(-1)
 
 
 def _mean_norm(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,13 +111,9 @@ class RMU:
         n_layers = len(decoder_layers(model))
         if not 0 <= c.layer_id < n_layers:
             raise WmdpError(f"layer_id {c.layer_id} out of range: the model has {n_layers} layers")
-        if not c.layer_ids or min(c.layer_ids) > c.layer_id:
-            raise WmdpError(f"layer_ids {c.layer_ids} train nothing at or below layer_id "
-                            f"{c.layer_id}: no gradient would reach them")
-        if c.control not in ("random", "keywords"):
-            raise WmdpError(f"control {c.control!r} is not 'random' or 'keywords'")
+        self.validate(schedule.n_topics)
         self.model, self.device = model, input_device(model)
-        self.tokenizer = training_tokenizer(tokenizer)
+        self.tokenizer = reference_tokenizer(tokenizer, c.padding_side)
         self.n_topics = schedule.n_topics
         self.alpha = _per_topic(c.alpha, self.n_topics, "alpha")
         self.first = min(c.layer_ids)
@@ -112,14 +123,39 @@ class RMU:
         self.steering_coeffs = self._coefficients(schedule)
         self._control_vectors(model, seed)
 
+    def validate(self, n_topics: int) -> None:
+        """Settings errors, before any model loads (the loop calls this first)."""
+        c = self.config
+        if not c.layer_ids or min(c.layer_ids) > c.layer_id:
+            raise WmdpError(f"layer_ids {c.layer_ids} train nothing at or below layer_id "
+                            f"{c.layer_id}: no gradient would reach them")
+        if c.control not in ("random", "keywords"):
+            raise WmdpError(f"control {c.control!r} is not 'random' or 'keywords'")
+        if c.position_ids not in POSITION_IDS:
+            raise WmdpError(f"position_ids {c.position_ids!r} is not one of "
+                            f"{', '.join(POSITION_IDS)}")
+        if c.padding_side not in PADDING_SIDES:
+            raise WmdpError(f"padding_side {c.padding_side!r} is not one of "
+                            f"{', '.join(PADDING_SIDES)}")
+        _per_topic(c.alpha, n_topics, "alpha")
+        if c.adaptive_coeff is None:
+            _per_topic(c.steering_coeffs, n_topics, "steering_coeffs")
+        if any(n < 1 for n in (*c.forget_max_length, c.retain_max_length)):
+            raise WmdpError("forget_max_length and retain_max_length must be positive")
+        if c.lr <= 0 or c.lr != c.lr:
+            raise WmdpError(f"lr must be a positive number, got {c.lr}")
+
+    def _encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        return reference_batch(self.tokenizer, texts, max_length, self.device,
+                               self.config.position_ids)
+
     def _coefficients(self, schedule: TopicBatches) -> list[float]:
         c = self.config
         if c.adaptive_coeff is None:
             return [float(x) for x in _per_topic(c.steering_coeffs, self.n_topics, "steering_coeffs")]
         coeffs = []
         for topic in range(self.n_topics):  # a multiple of the activation norm the layer has
-            inputs = tokenize(self.tokenizer, schedule.forget[topic][0],
-                              self._forget_max_length(topic), self.device)
+            inputs = self._encode(schedule.forget[topic][0], self._forget_max_length(topic))
             with torch.no_grad():
                 h = forward_to_layer(self.model, inputs, c.layer_id)
             coeffs.append(c.adaptive_coeff * _mean_norm(h, inputs["attention_mask"]).item())
@@ -144,14 +180,15 @@ class RMU:
         words = self.config.keywords[topic] if topic < len(self.config.keywords) else []
         if not words:
             raise WmdpError(f"control=keywords needs a keyword list for topic {topic}")
-        tok = self.tokenizer
         dirs = []
-        for w in words:  # the last position's activation: novice minus expert
+        for w in words:  # each text's last token's activation: novice minus expert
             pair = [CUT_NOVICE.format(keyword=w), CUT_EXPERT.format(keyword=w)]
-            inputs = tokenize(tok, pair, self.config.retain_max_length, self.device)
+            inputs = self._encode(pair, self.config.retain_max_length)
             with torch.no_grad():
-                h = forward_to_layer(self.model, inputs, self.config.layer_id)[:, -1].float()
-            diff = h[0] - h[1]  # left padding: position -1 is each text's last token
+                h = forward_to_layer(self.model, inputs, self.config.layer_id).float()
+            last = _last_real(inputs["attention_mask"])
+            h = h[torch.arange(2), last]  # (2, d)
+            diff = h[0] - h[1]
             dirs.append(diff / diff.norm())
         return torch.stack(dirs).unsqueeze(1).cpu()
 
@@ -173,8 +210,7 @@ class RMU:
 
     def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        forget = tokenize(self.tokenizer, step.forget, self._forget_max_length(step.topic),
-                          self.device)
+        forget = self._encode(step.forget, self._forget_max_length(step.topic))
         fmask = forget["attention_mask"]
         logged: dict[str, torch.Tensor] = {}
         if c.frozen_forget_every and step.idx % c.frozen_forget_every == 0:
@@ -186,7 +222,7 @@ class RMU:
             h_forget = forward_to_layer(self.model, forget, c.layer_id)
         forget_loss = _mse(h_forget, self._control(step.topic), fmask if c.mask_padding else None)
 
-        retain = tokenize(self.tokenizer, step.retain, c.retain_max_length, self.device)
+        retain = self._encode(step.retain, c.retain_max_length)
         rmask = retain["attention_mask"]
         span = self._frozen_span(retain)  # frozen activations; the shared prefix runs once
         h_retain = replay_span(self.model, span)
@@ -217,12 +253,20 @@ class RMU:
 
     def describe(self) -> dict:
         """What the model card and the run record say about the control vectors."""
+        tok = self.tokenizer
         return {"steering_coeffs": self.steering_coeffs, "alpha": self.alpha,
-                "trained_tensors": [t.name for t in self.tensors]}
+                "trained_tensors": [t.name for t in self.tensors],
+                "padding_side": tok.padding_side, "pad_token": tok.pad_token,
+                "pad_token_id": tok.pad_token_id, "position_ids": self.config.position_ids,
+                "mask_padding": self.config.mask_padding}
 
 
 # Published settings (the paper and its reference code), seed 42, wikitext retain corpora.
-WMDP_FORGET = ["cais/wmdp-bio-forget-corpus", "cais/wmdp-corpora:cyber-forget-corpus"]
+# Corpus reading as the reference's `get_data`: the bio forget corpus (its name contains
+# "bio-forget-corpus") as decoded `text`; the cyber forget corpus as raw JSONL lines (`raw:`, the
+# JSON text with braces and newline: what the published models trained on); wikitext as its
+# decoded lines. For decoded cyber text, use `cais/wmdp-corpora:cyber-forget-corpus`.
+WMDP_FORGET = ["cais/wmdp-bio-forget-corpus", "raw:cais/wmdp-corpora:cyber-forget-corpus"]
 PRESETS: dict[str, dict[str, Any]] = {
     "zephyr-7b": {
         "config": {"model": "HuggingFaceH4/zephyr-7b-beta", "forget_corpora": WMDP_FORGET,
