@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("WMDP_TEST_THREADS", "2")))  # another count must pass too
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MISTRAL_TOK = FIXTURES / "tokenizers" / "mistral-7b-v0.1"

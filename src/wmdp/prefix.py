@@ -1,0 +1,273 @@
+"""Load only the first blocks of a causal LM, and write a whole model directory back.
+
+    model, tokenizer, plan = load_prefix("path/or/hub-id", layer_id=7, dtype="bfloat16")
+    ...                                        # RMU trains tensors of blocks <= layer_id
+    save_prefix_model(model, tokenizer, plan, "out/", record)
+
+RMU's every forward stops after block `layer_id` (wmdp.layers), so neither the blocks above it
+nor the final norm and LM head ever run. Here the model skeleton is built on the meta device
+(`accelerate.init_empty_weights`), truncated to blocks 0..layer_id, and only the tensors those
+need (embeddings, the blocks, and buffers such as rotary frequencies, which are built for real)
+are read from the safetensors shards with `safe_open`; the rest stays on meta, taking no memory.
+A model whose prefix fits on one device is unlearned there, whatever its size.
+
+Writing the output: a shard that holds no trained tensor and is already in the output dtype is
+copied byte for byte (not hard-linked: see `_copy`); a shard that holds one is rewritten with the trained
+values (and a dtype conversion, if asked, rewrites every shard, as save_pretrained would). The
+index, config and generation config are copied; the tokenizer is saved as the full path saves it.
+The input directory is never written to.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wmdp.errors import WmdpError
+from wmdp.models import DTYPES, _one_line, arch_of, check_model_source, load_tokenizer, \
+    resolve_device
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+@dataclass
+class PrefixPlan:
+    """Where each checkpoint tensor lives, and what the prefix model holds."""
+
+    source: Path                      # the local model directory (a hub snapshot for hub ids)
+    layer_id: int
+    weight_map: dict[str, str]        # tensor name -> shard file name
+    dtype: torch.dtype | None         # the requested dtype (None: the checkpoint's own)
+    loaded: list[str] = field(default_factory=list)   # tensor names read into the prefix
+
+    def record(self) -> dict:
+        shards = sorted(set(self.weight_map.values()))
+        return {"path": "prefix", "layer_id": self.layer_id, "tensors_loaded": len(self.loaded),
+                "tensors_in_checkpoint": len(self.weight_map), "shards": len(shards)}
+
+
+def local_snapshot(name_or_path: str, revision: str | None) -> Path:
+    """A local directory for the model: the path itself, or the hub snapshot (every safetensors
+    shard is needed for the output, but only the prefix's tensors are ever read into memory)."""
+    name = check_model_source(name_or_path)
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]))
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo alike
+        raise WmdpError(f"{name}: cannot download the model files: {_one_line(e)}") from e
+
+
+def weight_map(source: Path) -> dict[str, str]:
+    if (source / INDEX).is_file():
+        return dict(json.loads((source / INDEX).read_text())["weight_map"])
+    if (source / SINGLE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(source / SINGLE, framework="pt") as f:
+            return {k: SINGLE for k in f.keys()}
+    raise WmdpError(f"{source}: no {SINGLE} or {INDEX}")
+
+
+def prefix_unavailable(source: Path, layer_id: int) -> str | None:
+    """Why the prefix path cannot load this checkpoint (None: it can). The checkpoint's tensor
+    names must be the model's own (transformers 5 renames some on load, e.g. Mixtral's
+    per-expert tensors, which then need the full path)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    names = set(weight_map(source))
+    missing = [n for n in _needed(model, layer_id)
+               if not all(c in names for c in checkpoint_names(config, n))]
+    if missing:
+        return (f"{len(missing)} tensors the model names are not in the checkpoint under those "
+                f"names (e.g. {missing[0]}): loaded whole")
+    return None
+
+
+def checkpoint_names(config: Any, name: str) -> list[str]:
+    """The checkpoint tensors that make the model's tensor `name`: itself, except where
+    transformers 5 fuses on load what checkpoints store apart (Mixtral's experts: the hub's and
+    save_pretrained's layout is `block_sparse_moe.experts.E.w1/w2/w3`; the model holds
+    `mlp.experts.gate_up_proj[E] = [w1; w3]` and `mlp.experts.down_proj[E] = w2`)."""
+    if config.model_type != "mixtral" or ".mlp." not in name:
+        return [name]
+    base, _, leaf = name.partition(".mlp.")
+    moe, n = f"{base}.block_sparse_moe", config.num_local_experts
+    if leaf == "experts.gate_up_proj":
+        return [f"{moe}.experts.{e}.{w}.weight" for e in range(n) for w in ("w1", "w3")]
+    if leaf == "experts.down_proj":
+        return [f"{moe}.experts.{e}.w2.weight" for e in range(n)]
+    return [f"{moe}.{leaf}"]
+
+
+def _merge(sources: list[str], tensors: list[torch.Tensor]) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0]
+    if sources[0].endswith(".w1.weight"):  # (E, 2I, d): each expert's [w1; w3]
+        return torch.stack([torch.cat(tensors[i:i + 2]) for i in range(0, len(tensors), 2)])
+    return torch.stack(tensors)  # (E, d, I): each expert's w2
+
+
+def _split(sources: list[str], value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`_merge` undone: the checkpoint tensors of a model tensor's value."""
+    if len(sources) == 1:
+        return {sources[0]: value}
+    if sources[0].endswith(".w1.weight"):
+        inter = value.shape[1] // 2
+        parts = [p for e in range(value.shape[0]) for p in (value[e, :inter], value[e, inter:])]
+    else:
+        parts = list(value)
+    return dict(zip(sources, parts))
+
+
+def _needed(model: nn.Module, layer_id: int) -> list[str]:
+    """Parameter and persistent buffer names the prefix (blocks 0..layer_id) uses."""
+    layers_path = arch_of(model).layers
+    keep = []
+    for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith(layers_path + "."):
+            if int(name[len(layers_path) + 1:].split(".")[0]) > layer_id:
+                continue
+        elif not _is_input_side(model, name):
+            continue
+        keep.append(name)
+    persistent = set(model.state_dict())
+    return [n for n in keep if n in persistent]
+
+
+def _is_input_side(model: nn.Module, name: str) -> bool:
+    """Outside the blocks, a tensor the prefix needs: the embeddings (token, and learned
+    positions), not the final norm or the LM head."""
+    module_name = name.rpartition(".")[0]
+    module = model.get_submodule(module_name) if module_name else model
+    return isinstance(module, nn.Embedding) and module is not model.get_output_embeddings()
+
+
+def load_prefix(name_or_path: str, layer_id: int, *, revision: str | None = None,
+                dtype: str = "auto", device: str = "auto",
+                trust_remote_code: bool = False) -> tuple[nn.Module, Any, PrefixPlan]:
+    """The model with blocks 0..layer_id (and embeddings) loaded, the rest on meta."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise WmdpError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    source = local_snapshot(str(name_or_path), revision)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    target = DTYPES[dtype] if dtype != "auto" else None
+    with init_empty_weights():  # buffers (rotary frequencies) are built for real
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 dtype=target or _checkpoint_dtype(config))
+    layers = model.get_submodule(arch_of(model).layers)
+    if not 0 <= layer_id < len(layers):
+        raise WmdpError(f"layer_id {layer_id} out of range: the model has {len(layers)} layers")
+    plan = PrefixPlan(source, layer_id, weight_map(source), target)
+    needed = _needed(model, layer_id)
+    dev = resolve_device(device)
+    handles: dict[str, Any] = {}
+    try:
+        for name in needed:
+            sources = checkpoint_names(config, name)
+            tensors = []
+            for c in sources:
+                if c not in plan.weight_map:
+                    raise WmdpError(f"{source}: tensor {c} is not in the checkpoint")
+                shard = plan.weight_map[c]
+                if shard not in handles:
+                    handles[shard] = safe_open(source / shard, framework="pt", device="cpu")
+                tensors.append(handles[shard].get_tensor(c))
+            value = _merge(sources, tensors)
+            set_module_tensor_to_device(model, name, dev, value=value,
+                                        dtype=target or value.dtype)
+            plan.loaded.append(name)
+    finally:
+        handles.clear()
+    _move_buffers(model, dev)
+    del layers[layer_id + 1:]  # never run; their meta tensors need no memory either way
+    model.eval()
+    model._wmdp_prefix = layer_id  # the loop's final check stops here too
+    return model, load_tokenizer(str(source), None, trust_remote_code), plan
+
+
+def _checkpoint_dtype(config: Any) -> torch.dtype:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+def _move_buffers(model: nn.Module, device: str) -> None:
+    """Non-persistent buffers (rotary inv_freq) were built on the CPU: move them with the model."""
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device.type != "meta" and str(buf.device) != device:
+                module._buffers[name] = buf.to(device)
+
+
+def save_prefix_model(model: nn.Module, tokenizer: Any, plan: PrefixPlan, out: Path,
+                      trained: dict[str, torch.Tensor]) -> None:
+    """A complete HF model directory in `out`: the checkpoint with `trained` (name -> tensor)
+    replaced, written through a temp dir and renamed into place."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    trained = {c: v for name, value in trained.items()
+               for c, v in _split(checkpoint_names(model.config, name), value).items()}
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: dict[str, list[str]] = {}
+    for name, shard in plan.weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    for shard, names in sorted(shards.items()):
+        src = plan.source / shard
+        with safe_open(src, framework="pt", device="cpu") as f:
+            metadata = f.metadata()
+            same_dtype = plan.dtype is None or all(
+                f.get_slice(n).get_dtype() == _st_dtype(plan.dtype) for n in names)
+            if same_dtype and not any(n in trained for n in names):
+                _copy(src, tmp / shard)
+                continue
+            tensors = {}
+            for n in names:
+                t = trained[n].detach().to("cpu") if n in trained else f.get_tensor(n)
+                tensors[n] = t.to(plan.dtype).contiguous() if plan.dtype else t.contiguous()
+        save_file(tensors, tmp / shard, metadata=metadata or {"format": "pt"})
+    for extra in (INDEX, "config.json", "generation_config.json"):
+        if (plan.source / extra).is_file():
+            shutil.copyfile(plan.source / extra, tmp / extra)
+    if plan.dtype is not None:  # the config says the dtype the tensors now have
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["dtype"] = str(plan.dtype).removeprefix("torch.")
+        cfg.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+
+
+def _st_dtype(dtype: torch.dtype) -> str:
+    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """A byte copy (in-kernel on Linux). Not a hard link: a later in-place write to the output
+    (save_pretrained opens files for writing) would then write into the input model."""
+    shutil.copyfile(src, dst)
