@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -108,10 +110,17 @@ def test_cloze_format_matches_naive_reference(llama_mistral_tok, tmp_path):
 def test_stderr_formulas_hand_computed():
     # mean 0.75; squared deviations 3 * 0.0625 + 0.5625 = 0.75; / (n-1) = 0.25; sqrt 0.5; / 2
     assert mean_stderr([1, 0, 1, 1]) == pytest.approx(0.25)
-    # pooled stderr of two groups equals the stderr of all items together when means match
+    # a: n 20, sample variance 5/19, se^2 1/76; b: n 60, variance 15/59, se^2 1/236.
+    # pooled (lm-eval): (19 * 20/76 + 59 * 60/236) / (80 - 2) = 20/78, over 80: se^2 = 1/312
     a, b = [1, 0] * 10, [1, 0] * 30
+    assert mean_stderr(a) ** 2 == pytest.approx(1 / 76, rel=1e-12)
     pooled = pooled_stderr([mean_stderr(a), mean_stderr(b)], [len(a), len(b)])
-    assert pooled == pytest.approx(mean_stderr(a + b), rel=2e-2)
+    assert pooled == pytest.approx(math.sqrt(1 / 312), rel=1e-12)
+    # the alternatives this tolerance rejects: a size-weighted mean of the stderrs (0.0775)
+    # and the stderr of all 80 items pooled into one sample (sqrt(1/316), 0.6% off)
+    weighted = (20 * math.sqrt(1 / 76) + 60 * math.sqrt(1 / 236)) / 80
+    assert pooled != pytest.approx(weighted, rel=1e-3)
+    assert pooled != pytest.approx(mean_stderr(a + b), rel=1e-3)
     assert mean_stderr([1.0]) is None
 
 
@@ -143,9 +152,12 @@ def test_results_record_what_changes_numbers(llama_mistral_tok, mcq_file, tmp_pa
     for key in ("model", "revision", "dtype", "batch_size", "padding_side", "device_count",
                 "prompt_style", "versions", "seed", "prompt_template"):
         assert key in c
-    assert c["versions"]["torch"] == torch.__version__.split("+")[0] or c["versions"]["torch"]
+    assert c["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert res["results"]["custom"]["n"] == 7
     assert len(res["sources"]["custom"]["sha256"]) == 64
+    # what was read: the file's bytes and its question count (all 40, of which 7 were scored)
+    assert res["sources"]["custom"]["file_sha256"] == hashlib.sha256(mcq_file.read_bytes()).hexdigest()
+    assert res["sources"]["custom"]["questions"] == 40 and res["sources"]["custom"]["n"] == 7
     lines = (tmp_path / "out" / "samples_custom.jsonl").read_text().splitlines()
     assert len(lines) == 7
     assert set(json.loads(lines[0])) >= {"doc_id", "gold", "pred", "loglikelihoods"}
@@ -225,3 +237,161 @@ def test_a_continuation_longer_than_the_context_is_a_clear_error():
     assert build_rows([([1, 2, 3], [[4, 5]])], max_length=2)[0].reads == ((0, 0, (4, 5)),)
     with pytest.raises(WmdpError, match="continuation of 3 tokens does not fit the context length 2"):
         build_rows([([1, 2], [[4, 5, 6]])], max_length=2)
+
+
+class _Config:
+    def __init__(self, model_type):
+        self.model_type = model_type
+
+
+class _Model:
+    def __init__(self, model_type):
+        self.config = _Config(model_type)
+
+
+def test_042_forces_bos_for_gemma_exactly():
+    """lm-eval 0.4.2: `if getattr(self.config, "model_type", None) == "gemma"`, nothing else."""
+    from wmdp.evaluate import add_special_tokens_for
+
+    old, now = PROMPT_STYLES["lmeval-0.4.2"], PROMPT_STYLES["lmeval"]
+    assert add_special_tokens_for(old, _Model("gemma")) is True
+    for other in ("gemma2", "gemma3", "gemma3_text", "recurrent_gemma", "llama", None):
+        assert add_special_tokens_for(old, _Model(other)) is False, other
+    for any_type in ("gemma", "gemma2", "llama"):
+        assert add_special_tokens_for(now, _Model(any_type)) is None  # the tokenizer's default
+
+
+def test_rerun_with_other_tasks_merges_and_regroups(llama_mistral_tok, tmp_path):
+    from wmdp.evaluate import run_eval
+    from wmdp.errors import WmdpError
+
+    d = tmp_path / "data"
+    d.mkdir()
+    for i, (name, n) in enumerate((("wmdp_bio", 9), ("wmdp_chem", 4), ("wmdp_cyber", 6))):
+        write_mcq_jsonl(d / f"{name}.jsonl", n, seed=i)
+    cfg = EvalConfig(model=str(llama_mistral_tok), dtype="float32", device="cpu", data_dir=str(d))
+    out = tmp_path / "out"
+    full = run_eval(cfg, ["wmdp"], out, progress=False)
+    first = run_eval(cfg, ["wmdp_bio"], tmp_path / "bio_only", progress=False)
+    assert "wmdp" not in first["groups"]
+    (out / "samples_wmdp_bio.jsonl").unlink()  # wmdp_bio is scored again, the others kept
+    again = run_eval(cfg, ["wmdp_bio"], out, progress=False)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(on_disk["results"]) == {"wmdp_bio", "wmdp_chem", "wmdp_cyber"}
+    for name in ("wmdp_chem", "wmdp_cyber"):
+        assert on_disk["results"][name] == full["results"][name]
+    # the group, recomputed from every task present: size-weighted by hand
+    r = on_disk["results"]
+    assert on_disk["groups"]["wmdp"]["acc"] == pytest.approx(
+        sum(r[t]["acc"] * r[t]["n"] for t in r) / 19, rel=1e-12)
+    assert again["groups"] == on_disk["groups"]
+    # a different configuration (minus the task list) is refused, the results untouched
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(WmdpError, match="different configuration"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "prompt_style": "lmeval-0.4.2"}), ["wmdp_chem"],
+                 out, progress=False)
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_nan_loglikelihoods_are_not_an_accuracy(llama_mistral_tok, tmp_path):
+    from wmdp.errors import WmdpError
+
+    model, tok = load_model(llama_mistral_tok, dtype="float32", device="cpu")
+    with torch.no_grad():
+        model.get_output_embeddings().weight[5].fill_(float("inf"))  # one token: inf - inf = NaN
+    qs = write_mcq_jsonl(tmp_path / "q.jsonl", 5)
+    with pytest.raises(WmdpError, match=r"task q: 5 of 5 questions have non-finite log-likelihoods \(NaN or inf\)"):
+        evaluate_model(model, tok, ["q"], Registry.build(task_files={"q": str(qs)}),
+                       progress=False)
+
+
+class _FakeBuilder:
+    """What `datasets.load_dataset_builder` returns, for a hub dataset read offline."""
+
+    calls: list = []
+
+    def __init__(self, path, name, revision=None):
+        self.hash = "c0ffee" * 6 + "abcd" if revision in (None, "main") else "1234" * 10
+        self.rows = 5 if revision is None else 3
+        _FakeBuilder.calls.append((path, name, revision))
+
+    def download_and_prepare(self):
+        pass
+
+    def as_dataset(self, split):
+        assert split == "test"
+        return [{"question": f"q{i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4}
+                for i in range(self.rows)]
+
+
+def test_hub_data_records_the_resolved_commit_and_can_be_pinned(llama_mistral_tok, tmp_path,
+                                                                 monkeypatch, capsys):
+    import datasets
+
+    from wmdp.cli import main
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", _FakeBuilder)
+    _FakeBuilder.calls = []
+    model, tok = load_model(llama_mistral_tok, dtype="float32", device="cpu")
+    res = evaluate_model(model, tok, ["wmdp_bio"], progress=False)
+    assert _FakeBuilder.calls == [("cais/wmdp", "wmdp-bio", None)]
+    src = res["sources"]["wmdp_bio"]
+    assert src["revision"] == "c0ffee" * 6 + "abcd" and src["revision_requested"] is None
+    assert src["questions"] == 5 and res["results"]["wmdp_bio"]["n"] == 5
+    # --data-revision reaches the loader (MMLU too), and is part of the configuration
+    code = main(["eval", "--model", str(llama_mistral_tok), "--tasks", "wmdp_cyber,mmlu_virology",
+                 "--data-revision", "v1", "--output", str(tmp_path / "o"), "--dtype", "float32"])
+    assert code == 0, capsys.readouterr().err
+    assert _FakeBuilder.calls[1:] == [("cais/wmdp", "wmdp-cyber", "v1"),
+                                      ("cais/mmlu", "virology", "v1")]
+    on_disk = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert on_disk["sources"]["wmdp_cyber"]["revision"] == "1234" * 10
+    assert on_disk["sources"]["mmlu_virology"]["revision_requested"] == "v1"
+    assert on_disk["sources"]["mmlu_virology"]["questions"] == 3
+    assert on_disk["config"]["data_revision"] == "v1"
+    assert EvalConfig(data_revision="v1").fingerprint() != EvalConfig().fingerprint()
+    assert EvalConfig(data_revision=None).fingerprint() == EvalConfig().fingerprint()
+
+
+def _eval_cli(capsys, *argv):
+    from wmdp.cli import main
+
+    code = main(["eval", *argv])
+    err = capsys.readouterr().err
+    return code, err.rstrip("\n").split("\n")[-1].split("\r")[-1]
+
+
+def test_task_file_alone_names_the_tasks(llama_mistral_tok, mcq_file, tmp_path, capsys):
+    code, _ = _eval_cli(capsys, "--model", str(llama_mistral_tok), "--task", f"mine={mcq_file}",
+                        "--output", str(tmp_path / "o"), "--limit", "2", "--dtype", "float32")
+    assert code == 0
+    assert list(json.loads((tmp_path / "o" / "results.json").read_text())["results"]) == ["mine"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", ","], "wmdp: --tasks names no task"),
+    ([], "wmdp: eval: give --tasks NAME[,NAME...] (tasks or groups) or --task NAME=PATH"),
+    (["--tasks", "x", "--limit", "0"], "wmdp: --limit is 0, expected a positive number"),
+    (["--tasks", "x", "--limit", "-3"], "wmdp: --limit is -3, expected a positive number"),
+    (["--tasks", "x", "--max-length", "0"], "wmdp: --max-length is 0, expected a positive"),
+    (["--tasks", "x", "--batch-size", "0"], "wmdp: --batch-size is '0', expected a positive"),
+    (["--tasks", "sandbox_froget"], "wmdp: unknown task 'sandbox_froget'; did you mean "
+                                    "'sandbox_forget'"),
+    (["--tasks", "wmdp_boi"], "wmdp: unknown task 'wmdp_boi'; did you mean 'wmdp_bio'"),
+])
+def test_bad_eval_arguments_are_one_line(llama_mistral_tok, tmp_path, capsys, argv, message):
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("sandbox_bio", "sandbox_cyber"):
+        write_mcq_jsonl(d / f"{name}.jsonl", 3)
+    (d / "tasks.json").write_text(json.dumps({
+        "tasks": {n: {"file": f"{n}.jsonl"} for n in ("sandbox_bio", "sandbox_cyber")},
+        "groups": {"sandbox_forget": ["sandbox_bio", "sandbox_cyber"]}}))
+    out = tmp_path / "o"
+    code, last = _eval_cli(capsys, "--model", str(llama_mistral_tok), "--data-dir", str(d),
+                           "--output", str(out), *argv)
+    assert code == 2 and last.startswith(message), last
+    if "unknown task" in message:  # the data dir's names are listed, not only the built-ins
+        assert "; the data dir and --task give: sandbox_forget, sandbox_bio, sandbox_cyber " \
+               "(built in: wmdp," in last
+    assert not out.exists()

@@ -76,6 +76,29 @@ def test_empty_and_unknown_files(tmp_path):
         load_mcq_file(tmp_path / "j.json")
 
 
+GOOD_LINE = json.dumps(ITEMS[0].to_dict())
+
+
+@pytest.mark.parametrize("name,content,line", [
+    ("bad.jsonl", GOOD_LINE + "\n" + GOOD_LINE.replace("2+2", "2\xe9") + "\n", 2),
+    ("bad.json", "[\n" + GOOD_LINE + ",\n" + GOOD_LINE.replace("2+2", "2\xe9") + "\n]", 3),
+    ("bad_test.csv", "What is 1?,a,b,c,d,A\nQuel \xe9t\xe9?,a,b,c,d,B\n", 2),
+])
+def test_non_utf8_files_name_file_and_line(tmp_path, name, content, line):
+    p = tmp_path / name
+    p.write_bytes(content.encode("latin-1"))  # \xe9 is one byte, 0xe9, invalid as UTF-8 here
+    with pytest.raises(DataError) as e:
+        load_mcq_file(p)
+    assert str(e.value).startswith(f"{p} line {line}: not UTF-8 text (byte 0xe9)")
+
+
+def test_non_utf8_manifest_names_the_file(tmp_path):
+    (tmp_path / "tasks.json").write_bytes('{"tasks": {"caf\xe9": {"file": "x.jsonl"}}}'.encode("latin-1"))
+    with pytest.raises(DataError, match="line 1: not UTF-8 text") as e:
+        Registry.build(data_dir=tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "tasks.json"))
+
+
 def test_mmlu_categories_match_lm_eval():
     """Our subject -> category table against lm-eval's own task files."""
     lm_eval = pytest.importorskip("lm_eval")

@@ -32,13 +32,16 @@ def write_corpus(path, texts: list[str]):
 
 
 def naive_rolling_loglikelihood(model, tok, text: str, max_length: int,
-                                add_special_tokens: bool | None = None) -> float:
+                                add_special_tokens: bool | None = None,
+                                prefix: int | None = None) -> float:
     """Each token's log-probability by direct forward passes, following lm-eval's window rule:
     tokens 0..L-1 are predicted in one pass from [prefix] + tokens[:L-1]; after that, each block
-    of up to L tokens ending at `end` is predicted in one pass over the L tokens before `end`."""
+    of up to L tokens ending at `end` is predicted in one pass over the L tokens before `end`.
+    `prefix`: default current lm-eval's `prefix_token_id` (BOS, else EOS)."""
     ids = tok.encode(text) if add_special_tokens is None else \
         tok.encode(text, add_special_tokens=add_special_tokens)
-    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if prefix is None:
+        prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     total, done = 0.0, 0
     while done < len(ids):
         if done == 0:
@@ -109,16 +112,68 @@ def test_same_loglikelihoods_as_lm_eval(request, fixture):
     assert [s["loglikelihood"] for s in ours] == pytest.approx(ref, abs=1e-3)
 
 
-def test_prompt_style_042_adds_no_bos(llama_mistral_tok):
+def test_prompt_style_042_adds_no_bos_and_predicts_from_eos(llama_mistral_tok, tmp_path):
+    """lm-eval 0.4.2's `loglikelihood_rolling`: tokens encoded without special tokens, the first
+    predicted from `eot_token_id` (the tokenizer's EOS), not from BOS as lm-eval does now."""
     model, tok = load_model(llama_mistral_tok, dtype="float32", device="cpu")
+    assert tok.bos_token_id != tok.eos_token_id  # Mistral's: <s> 1, </s> 2
     texts = make_texts(3, seed=3)
     _, now = score_texts(model, tok, texts, max_length=16, progress=False)
     _, old = score_texts(model, tok, texts, max_length=16, add_special_tokens=False,
-                         progress=False)
+                         prefix="eos", progress=False)
     assert [a["tokens"] - b["tokens"] for a, b in zip(now, old)] == [1, 1, 1]  # BOS
-    assert [s["loglikelihood"] for s in old] == pytest.approx(
-        [naive_rolling_loglikelihood(model, tok, t, 16, add_special_tokens=False)
-         for t in texts], abs=1e-3)
+    eos_ref = [naive_rolling_loglikelihood(model, tok, t, 16, add_special_tokens=False,
+                                           prefix=tok.eos_token_id) for t in texts]
+    bos_ref = [naive_rolling_loglikelihood(model, tok, t, 16, add_special_tokens=False,
+                                           prefix=tok.bos_token_id) for t in texts]
+    assert [s["loglikelihood"] for s in old] == pytest.approx(eos_ref, abs=1e-3)
+    assert all(abs(e - b) > 1e-2 for e, b in zip(eos_ref, bos_ref))  # the prefix matters here
+    # `wmdp eval --prompt-style lmeval-0.4.2` on a perplexity task takes that path
+    corpus = write_corpus(tmp_path / "c.jsonl", texts)
+    reg = Registry.build(task_files={"ppl_c": str(corpus)})
+    for style, ref, prefix in (("lmeval-0.4.2", eos_ref, tok.eos_token_id),
+                               ("lmeval", [s["loglikelihood"] for s in now], tok.bos_token_id)):
+        res = evaluate_model(model, tok, ["ppl_c"], reg, progress=False,
+                             config=EvalConfig(prompt_style=style, max_length=16))
+        assert [s["loglikelihood"] for s in res["samples"]["ppl_c"]] == pytest.approx(ref, abs=1e-3)
+        assert res["results"]["ppl_c"]["prefix_token_id"] == prefix
+
+
+@pytest.mark.parametrize("max_length", [0, -5])
+def test_nonpositive_max_length_is_an_error_not_a_hang(llama_mistral_tok, tmp_path, max_length):
+    from wmdp.errors import WmdpError
+
+    model, tok = load_model(llama_mistral_tok, dtype="float32", device="cpu")
+    with pytest.raises(WmdpError, match=f"max length is {max_length}, expected a positive"):
+        rolling_windows([1, 2, 3], 7, max_length)
+    with pytest.raises(WmdpError, match=f"max length is {max_length}"):
+        score_texts(model, tok, ["a b c"], max_length=max_length, progress=False)
+    corpus = write_corpus(tmp_path / "c.jsonl", ["a b c"])
+    out = tmp_path / "o"
+    code = main(["eval", "--model", str(llama_mistral_tok), "--task", f"ppl_c={corpus}",
+                 "--output", str(out), "--max-length", str(max_length)])
+    assert code == 2 and not out.exists()
+
+
+def test_nonfinite_loglikelihoods_are_refused(llama_mistral_tok, tmp_path, capsys):
+    """A model with NaN weights must not yield a perplexity (or an accuracy) that looks real."""
+    import shutil
+
+    bad = tmp_path / "nan-model"
+    shutil.copytree(llama_mistral_tok, bad)
+    model, tok = load_model(bad, dtype="float32", device="cpu")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(float("nan"))
+    model.save_pretrained(bad)
+    corpus = write_corpus(tmp_path / "c.jsonl", make_texts(2, seed=9))
+    out = tmp_path / "o"
+    code = main(["eval", "--model", str(bad), "--task", f"ppl_c={corpus}", "--output", str(out),
+                 "--max-length", "16"])
+    _, err = capsys.readouterr()
+    last = err.rstrip("\n").split("\n")[-1].split("\r")[-1]  # after progress bars
+    assert code == 2 and last.startswith("wmdp: task ppl_c: 2 of 2 texts have non-finite "
+                                         "log-likelihoods")
+    assert not (out / "results.json").exists() and not list(out.glob("samples_*"))
 
 
 def test_perplexity_tasks_in_eval(llama_mistral_tok, tmp_path, monkeypatch):

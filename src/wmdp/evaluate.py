@@ -68,8 +68,9 @@ def pooled_stderr(stderrs: list[float], sizes: list[int]) -> float | None:
 
 def add_special_tokens_for(style: PromptStyle, model: nn.Module) -> bool | None:
     """BOS handling: the tokenizer's default (current lm-eval) or none (0.4.2, but Gemma)."""
-    if style.add_bos is False and str(getattr(model.config, "model_type", "")).startswith("gemma"):
-        return True  # lm-eval 0.4.2 forced BOS for Gemma, which breaks without it
+    if style.bos_model_type is not None and \
+            getattr(model.config, "model_type", None) == style.bos_model_type:
+        return True  # lm-eval 0.4.2 forced BOS for `model_type == "gemma"` (only that type)
     return style.add_bos
 
 
@@ -109,9 +110,11 @@ def score_perplexity_task(model: nn.Module, tokenizer: Any, task: Task, texts: l
                           style: PromptStyle, batch_size: int | str = "auto",
                           progress: bool = True, stats: dict | None = None,
                           max_length: int | None = None) -> tuple[dict, list[dict]]:
-    """Metrics and per-text samples of one perplexity task (BOS handling as the prompt style)."""
+    """Metrics and per-text samples of one perplexity task (BOS handling and the first token's
+    prefix as the prompt style: 0.4.2 predicted it from EOS, current lm-eval from BOS)."""
     return score_texts(model, tokenizer, texts, batch_size=batch_size,
                        add_special_tokens=add_special_tokens_for(style, model),
+                       prefix=style.rolling_prefix,
                        max_length=max_length, progress=task.name if progress else False,
                        stats=stats, detokenize=DETOKENIZERS[task.detokenizer]
                        if task.detokenizer else None)
@@ -163,14 +166,29 @@ class EvalConfig:
     limit: int | None = None
     data_dir: str | None = None
     task_files: dict[str, str] = field(default_factory=dict)
+    data_revision: str | None = None  # hub question sets read at this revision (None: main)
     trust_remote_code: bool = False
     seed: int = 1234                # scoring is deterministic; recorded for completeness
 
     def fingerprint(self) -> str:
         """A hash of the settings that change numbers (not batch size: padding cannot)."""
         keys = ("model", "revision", "dtype", "prompt_style", "format", "limit", "data_dir",
-                "task_files") + (("max_length",) if self.max_length is not None else ())
+                "task_files") + tuple(k for k in ("max_length", "data_revision")
+                                      if getattr(self, k) is not None)
         return sha256_json({k: getattr(self, k) for k in keys})
+
+    def validate(self) -> None:
+        """Settings no run can use: one line, before anything is read or written."""
+        _style(self.prompt_style)
+        if self.batch_size != "auto" and not (str(self.batch_size).isdigit()
+                                              and int(self.batch_size) >= 1):
+            raise WmdpError(f"--batch-size is {self.batch_size!r}, expected a positive "
+                            "integer or 'auto'")
+        for flag, value in (("--max-length", self.max_length), ("--limit", self.limit)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise WmdpError(f"{flag} is {value}, expected a positive number"
+                                + (" of tokens" if flag == "--max-length" else " of questions"))
 
 
 def _style(name: str) -> PromptStyle:
@@ -202,34 +220,40 @@ def run_record(model: nn.Module, config: EvalConfig, stats: dict) -> dict:
 def evaluate_model(model: nn.Module, tokenizer: Any, tasks: list[str],
                    registry: Registry | None = None, *, config: EvalConfig | None = None,
                    output: Path | None = None, progress: bool = True,
-                   items: dict[str, list[MCQItem] | Corpus | list[str]] | None = None) -> dict:
+                   items: dict[str, list[MCQItem] | Corpus | list[str]] | None = None,
+                   provenance: dict[str, dict] | None = None) -> dict:
     """Score `tasks` (names or groups); with `output`, write files and resume finished tasks.
 
     `items` holds data already loaded (by task name): question sets, or for perplexity tasks a
-    Corpus or a list of texts; others are loaded here. Without `output`, the returned dict also
-    holds the per-item samples under "samples".
+    Corpus or a list of texts; others are loaded here. `provenance`: what exactly each of those
+    was read from (see `Task.load_with_provenance`), recorded under "sources". Without `output`,
+    the returned dict also holds the per-item samples under "samples". With `output`, tasks
+    already in its results.json (same configuration) stay there: a rerun with other tasks
+    merges into it, and groups are computed from every task present.
     """
     config = config or EvalConfig()
-    registry = registry or Registry.build(config.data_dir, config.task_files, config.format)
+    config.validate()
+    registry = registry or Registry.build(config.data_dir, config.task_files, config.format,
+                                          config.data_revision)
     style = _style(config.prompt_style)
     names = registry.expand(tasks)
     _check_distinct_files(names)
-    previous = read_json(output / RESULTS) if output and (output / RESULTS).is_file() else {}
-    results: dict[str, dict] = {}
-    sources: dict[str, dict] = {}
+    previous = _previous_results(output, config)
+    results: dict[str, dict] = dict(previous.get("results", {}))
+    sources: dict[str, dict] = dict(previous.get("sources", {}))
     samples: dict[str, list[dict]] = {}
     stats: dict = {}
     for name in names:
-        done = previous.get("results", {}).get(name)
-        if done is not None and output is not None and (output / samples_filename(name)).is_file():
-            results[name], sources[name] = done, previous["sources"][name]
+        if name in results and output is not None and (output / samples_filename(name)).is_file():
             continue
         task = registry.tasks[name]
-        data = (items or {}).get(name) or task.load()
+        data, record = (((items or {})[name], (provenance or {}).get(name, {}))
+                        if (items or {}).get(name) else task.load_with_provenance())
         t0 = time.perf_counter()
         score = _score_corpus if task.kind == "perplexity" else _score_questions
         results[name], samples[name], sources[name] = score(model, tokenizer, task, data, style,
                                                             config, progress, stats)
+        sources[name].update(record)
         results[name]["seconds"] = round(time.perf_counter() - t0, 3)
         if output is not None and is_main():  # each task lands on disk as it finishes
             write_jsonl(output / samples_filename(name), samples.pop(name))
@@ -242,6 +266,26 @@ def evaluate_model(model: nn.Module, tokenizer: Any, tasks: list[str],
     return summary
 
 
+def _previous_results(output: Path | None, config: EvalConfig) -> dict:
+    """The results.json a rerun merges into: only one written under the same configuration."""
+    if output is None or not (output / RESULTS).is_file():
+        return {}
+    previous = read_json(output / RESULTS)
+    if previous.get("fingerprint") != config.fingerprint():
+        raise WmdpError(f"{output}: output directory holds results of a different configuration "
+                        "(use --overwrite to replace them, or another --output)")
+    return previous
+
+
+def _check_finite(task: str, values: list[float], what: str) -> None:
+    """An accuracy or perplexity from NaN/inf scores would look like a real result."""
+    bad = sum(not math.isfinite(v) for v in values)
+    if bad:
+        raise WmdpError(f"task {task}: {bad} of {len(values)} {what} have non-finite "
+                        "log-likelihoods (NaN or inf); the model's weights or activations are "
+                        "not finite, so no score is reported")
+
+
 def _score_questions(model: nn.Module, tokenizer: Any, task: Task, items: list[MCQItem],
                      style: PromptStyle, config: EvalConfig, progress: bool,
                      stats: dict) -> tuple[dict, list[dict], dict]:
@@ -249,6 +293,8 @@ def _score_questions(model: nn.Module, tokenizer: Any, task: Task, items: list[M
     items = items[:config.limit] if config.limit is not None else items
     metrics, samples = score_task(model, tokenizer, task, items, style, config.batch_size,
                                   progress, stats, max_length=config.max_length)
+    # a question's sum is non-finite when any of its choices' log-likelihoods is
+    _check_finite(task.name, [sum(s["loglikelihoods"]) for s in samples], "questions")
     return ({**metrics, "format": task.format}, samples,
             {"source": task.source, "sha256": items_hash(items), "n": len(items)})
 
@@ -263,6 +309,7 @@ def _score_corpus(model: nn.Module, tokenizer: Any, task: Task, data: Corpus | l
     metrics, samples = score_perplexity_task(model, tokenizer, task, corpus.texts, style,
                                              config.batch_size, progress, stats,
                                              max_length=config.max_length)
+    _check_finite(task.name, [s["loglikelihood"] for s in samples], "texts")
     return ({**metrics, "kind": "perplexity"}, samples,
             {"source": corpus.source, "sha256": corpus.sha256, "n": len(corpus.texts)})
 
@@ -286,21 +333,34 @@ def _summary(results: dict, sources: dict, registry: Registry, model: nn.Module,
 def run_eval(config: EvalConfig, tasks: list[str], output: str | Path,
              overwrite: bool = False, progress: bool = True) -> dict:
     """The `wmdp eval` command: load, check the output directory, evaluate, write."""
-    registry = Registry.build(config.data_dir, config.task_files, config.format)
-    _style(config.prompt_style)
+    config.validate()
+    registry = Registry.build(config.data_dir, config.task_files, config.format,
+                              config.data_revision)
+    if not registry.expand(tasks):  # unknown names fail here, before anything is written
+        raise WmdpError("--tasks names no task (give --tasks NAME[,NAME...] or --task NAME=PATH)")
     check_model_source(config.model)
-    if is_main():
-        prepare_output_dir(output, overwrite, RESULTS, config.fingerprint())
-    barrier()  # the other processes read the directory rank 0 prepared
     out = Path(output)
-    # bad task names and bad data fail before the (possibly large) model loads
+    existed = out.exists()
+    if is_main():
+        prepare_output_dir(output, overwrite, RESULTS, config.fingerprint(), inputs={
+            "--model": config.model, "--data-dir": config.data_dir,
+            **{f"--task {n}": p for n, p in config.task_files.items()}})
+    barrier()  # the other processes read the directory rank 0 prepared
+    # bad data fails before the (possibly large) model loads, leaving no directory behind
     done = read_json(out / RESULTS).get("results", {}) if (out / RESULTS).is_file() else {}
-    items = {n: registry.tasks[n].load() for n in registry.expand(tasks) if n not in done}
+    try:
+        loaded = {n: registry.tasks[n].load_with_provenance()
+                  for n in registry.expand(tasks) if n not in done}
+    except WmdpError:
+        if is_main() and not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
                                   device=config.device, device_map=config.device_map,
                                   trust_remote_code=config.trust_remote_code)
     return evaluate_model(model, tokenizer, tasks, registry, config=config, output=out,
-                          progress=progress, items=items)
+                          progress=progress, items={n: d for n, (d, _) in loaded.items()},
+                          provenance={n: r for n, (_, r) in loaded.items()})
 
 
 def _num(x: float | None) -> str:

@@ -3,7 +3,8 @@
 lm-eval (`pip install lm_eval`, a dev dependency) is the tool the paper and every peer use; this
 bridge runs it on the same model object and the same file as `wmdp eval`, through a custom task
 whose prompt is the one `wmdp.tasks.build_prompt` writes, so the two can be compared item by item
-(tests/test_lmeval_agreement.py, benchmarks/eval_speed.py).
+(tests/test_lmeval_agreement.py, benchmarks/eval_speed.py). `run_lmeval` takes any task
+configs: the 0.4.2 agreement test renders its own from 0.4.2's template text instead.
 """
 
 from __future__ import annotations
@@ -50,16 +51,29 @@ def lmeval_loglikelihoods(model: nn.Module, tokenizer: Any, task: Task, path: st
                           style: PromptStyle, batch_size: int = 16,
                           add_bos_token: bool | None = None) -> tuple[list[list[float]], dict]:
     """Per-item log-likelihoods (in file order) and the metrics lm-eval reports."""
+    add_bos = add_bos_token if add_bos_token is not None else style.add_bos
+    return run_lmeval(model, tokenizer, [task_config(task, path, style)], batch_size,
+                      add_bos)[task.name]
+
+
+def run_lmeval(model: nn.Module, tokenizer: Any, configs: list[dict[str, Any]],
+               batch_size: int = 16, add_bos_token: bool | None = None
+               ) -> dict[str, tuple[list[list[float]], dict]]:
+    """lm-eval on task configs (the YAML's content, see `task_config`): per task, per-item
+    log-likelihoods in file order and the metrics (`acc`, `acc_stderr`, ...) lm-eval reports."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm-eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              add_bos_token=add_bos_token if add_bos_token is not None else style.add_bos)
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task_config(task, path, style)],
-                                  num_fewshot=0, log_samples=True, bootstrap_iters=1,
-                                  verbosity="ERROR")
-    samples = sorted(out["samples"][task.name], key=lambda s: s["doc_id"])
-    lls = [[float(r[0][0]) for r in s["resps"]] for s in samples]
-    metrics = {k.split(",")[0]: v for k, v in out["results"][task.name].items() if "," in k}
-    return lls, metrics
+              add_bos_token=add_bos_token)
+    out = lm_eval.simple_evaluate(model=lm, tasks=configs, num_fewshot=0, log_samples=True,
+                                  bootstrap_iters=1, verbosity="ERROR")
+    runs = {}
+    for cfg in configs:
+        name = cfg["task"]
+        samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+        lls = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+        runs[name] = (lls, {k.split(",")[0]: v for k, v in out["results"][name].items()
+                            if "," in k})
+    return runs

@@ -9,7 +9,8 @@ In Python, on a model already in memory:
 
 Each text is scored whole, none of it truncated: its tokens are cut into windows of at most
 `max_length` (the model's context, lm-eval's default) predicted tokens. The first window predicts
-every token from a prefix token (BOS, else EOS); each later window predicts the next
+every token from a prefix token (current lm-eval: BOS, else EOS; lm-eval 0.4.2, the paper's
+version: EOS, its `eot_token_id`); each later window predicts the next
 `max_length` tokens conditioned on the tokens just before them, so every prediction sees a full
 window (lm-eval's `get_rolling_token_windows` with `context_len=1`, then `make_disjoint_window`).
 Metrics are lm-eval's (`weighted_perplexity`, `bits_per_byte`) over the corpus:
@@ -34,18 +35,28 @@ from wmdp.models import model_max_length
 from wmdp.scoring import encode_texts, Row, score_rows
 
 
-def prefix_token_id(tokenizer: Any) -> int:
-    """What the first token is predicted from: BOS, else EOS (lm-eval's `prefix_token_id`)."""
-    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+PREFIX_RULES = ("bos", "eos")
+
+
+def prefix_token_id(tokenizer: Any, rule: str = "bos") -> int:
+    """What the first token is predicted from. "bos": BOS, else EOS (current lm-eval's
+    `prefix_token_id`); "eos": EOS (lm-eval 0.4.2's `loglikelihood_rolling`, `eot_token_id`)."""
+    if rule not in PREFIX_RULES:
+        raise WmdpError(f"prefix rule {rule!r} is not one of {', '.join(PREFIX_RULES)}")
+    order = (tokenizer.bos_token_id, tokenizer.eos_token_id) if rule == "bos" else \
+        (tokenizer.eos_token_id,)
+    for token_id in order:
         if token_id is not None:
             return int(token_id)
-    raise WmdpError("the tokenizer has neither a BOS nor an EOS token to predict the first "
-                    "token of a text from")
+    raise WmdpError("the tokenizer has no " + ("BOS or EOS" if rule == "bos" else "EOS") +
+                    " token to predict the first token of a text from")
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int,
                     max_length: int) -> list[tuple[list[int], list[int]]]:
     """(context, predicted tokens) windows covering `tokens`, each prediction made once."""
+    if max_length < 1:  # a window that predicts nothing would never finish
+        raise WmdpError(f"max length is {max_length}, expected a positive number of tokens")
     tokens = list(tokens)
     if not tokens:
         return []
@@ -72,20 +83,20 @@ def count_bytes(text: str) -> int:
 def rolling_loglikelihoods(model: nn.Module, tokenizer: Any, texts: Sequence[str], *,
                            batch_size: int | str = "auto", add_special_tokens: bool | None = None,
                            max_length: int | None = None, progress: bool | str = True,
-                           on_batch_size: Callable[[int], None] | None = None
-                           ) -> list[tuple[float, int, int]]:
+                           on_batch_size: Callable[[int], None] | None = None,
+                           prefix: str = "bos") -> list[tuple[float, int, int]]:
     """(summed log-likelihood, tokens scored, windows) of each text.
 
     `add_special_tokens`: None encodes as the tokenizer does by default (current lm-eval: a BOS
     tokenizer adds BOS, which is then predicted from the BOS prefix), False never adds one
-    (lm-eval 0.4.2).
+    (lm-eval 0.4.2). `prefix`: the rule of `prefix_token_id` ("eos" for lm-eval 0.4.2).
     """
-    max_length = max_length or model_max_length(model, tokenizer)
-    prefix = prefix_token_id(tokenizer)
+    max_length = _max_length(model, tokenizer, max_length)
+    prefix_id = prefix_token_id(tokenizer, prefix)
     token_lists = encode_texts(tokenizer, list(texts), add_special_tokens)
     rows: list[Row] = []
     for i, tokens in enumerate(token_lists):
-        for context, targets in rolling_windows(tokens, prefix, max_length):
+        for context, targets in rolling_windows(tokens, prefix_id, max_length):
             row = (context + targets)[-(max_length + 1):][:-1]  # lm-eval's model input
             rows.append(Row(i, tuple(row), ((0, len(row) - len(targets), tuple(targets)),)))
     totals = [0.0] * len(token_lists)
@@ -98,6 +109,15 @@ def rolling_loglikelihoods(model: nn.Module, tokenizer: Any, texts: Sequence[str
     for r in rows:
         windows[r.request] += 1
     return [(ll, len(toks), w) for ll, toks, w in zip(totals, token_lists, windows)]
+
+
+def _max_length(model: nn.Module, tokenizer: Any, max_length: int | None) -> int:
+    """The window: as given (a positive number), else the model's context length."""
+    if max_length is None:
+        return model_max_length(model, tokenizer)
+    if max_length < 1:
+        raise WmdpError(f"max length is {max_length}, expected a positive number of tokens")
+    return max_length
 
 
 def _exp(x: float) -> float:
@@ -141,17 +161,18 @@ def score_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], *,
                 batch_size: int | str = "auto", add_special_tokens: bool | None = None,
                 max_length: int | None = None, progress: bool | str = True,
                 stats: dict | None = None,
-                detokenize: Callable[[str], str] | None = None) -> tuple[dict, list[dict]]:
+                detokenize: Callable[[str], str] | None = None,
+                prefix: str = "bos") -> tuple[dict, list[dict]]:
     """Corpus metrics and per-text samples (doc_id, loglikelihood, token/word/byte counts).
 
     With `detokenize`, the detokenized text is scored while words and bytes are counted on the
-    original (as lm-eval's wikitext task does).
+    original (as lm-eval's wikitext task does). `prefix`: see `rolling_loglikelihoods`.
     """
-    max_length = max_length or model_max_length(model, tokenizer)
+    max_length = _max_length(model, tokenizer, max_length)
     scored = [detokenize(t) for t in texts] if detokenize is not None else texts
     lls = rolling_loglikelihoods(
         model, tokenizer, scored, batch_size=batch_size, add_special_tokens=add_special_tokens,
-        max_length=max_length, progress=progress,
+        max_length=max_length, progress=progress, prefix=prefix,
         on_batch_size=(lambda bs: stats.__setitem__("batch_size", bs)) if stats is not None else None)
     samples = [{"doc_id": i, "loglikelihood": ll, "tokens": n_tokens, "words": count_words(text),
                 "bytes": count_bytes(text), "windows": windows}
@@ -160,7 +181,7 @@ def score_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], *,
                                                       "windows")}
     metrics = {**perplexity_metrics(totals["loglikelihood"], totals["tokens"], totals["words"],
                                     totals["bytes"]),
-               **totals, "max_length": max_length, "prefix_token_id": prefix_token_id(tokenizer),
+               **totals, "max_length": max_length, "prefix_token_id": prefix_token_id(tokenizer, prefix),
                "n": len(samples)}
     return metrics, samples
 

@@ -173,6 +173,8 @@ def loglikelihoods(model: nn.Module, tokenizer: Any, requests: Sequence[Request]
                    max_length: int | None = None, progress: bool | str = True,
                    on_batch_size: Callable[[int], None] | None = None) -> list[list[float]]:
     """Summed log-likelihood of each continuation of each request: `out[i][j]`."""
+    if max_length is not None and max_length < 1:
+        raise WmdpError(f"max length is {max_length}, expected a positive number of tokens")
     max_length = max_length or model_max_length(model, tokenizer)
     encoded = encode_requests(tokenizer, requests, add_special_tokens)
     rows = build_rows(encoded, max_length)

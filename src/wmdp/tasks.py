@@ -26,14 +26,16 @@ ppl_<name>=FILE`, or a manifest entry `{"file": "retain.jsonl", "kind": "perplex
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from wmdp.data.corpus import Corpus, load_corpus
-from wmdp.data.mcq import FORMATS, LETTERS, MCQItem, load_hub_mcq, load_mcq_file
+from wmdp.data.mcq import FORMATS, LETTERS, MCQItem, load_mcq_file, read_hub_mcq
 from wmdp.errors import WmdpError
+from wmdp.io import read_text, sha256_file
 
 MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
     "stem": ("abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
@@ -65,16 +67,22 @@ CORPUS_SUFFIXES = (".jsonl", ".txt")
 
 @dataclass(frozen=True)
 class PromptStyle:
-    """How lm-eval renders and tokenises a prompt; its versions differ in two details."""
+    """How lm-eval renders and tokenises a prompt; its versions differ in these details."""
 
     name: str
     blank_line: bool         # "...about biology.\n\n" (current) or ".\n" (0.4.2's Jinja trims one)
     add_bos: bool | None     # None: the tokenizer's default (current); False: never (0.4.2)
+    # the token that predicts a text's first token in rolling log-likelihood (perplexity):
+    # "bos" (current `prefix_token_id`: BOS, else EOS) or "eos" (0.4.2's `eot_token_id`)
+    rolling_prefix: str = "bos"
+    # 0.4.2 forced BOS for `model_type == "gemma"` exactly (not gemma2, gemma3, ...)
+    bos_model_type: str | None = None
 
 
 PROMPT_STYLES = {
     "lmeval": PromptStyle("lmeval", blank_line=True, add_bos=None),
-    "lmeval-0.4.2": PromptStyle("lmeval-0.4.2", blank_line=False, add_bos=False),
+    "lmeval-0.4.2": PromptStyle("lmeval-0.4.2", blank_line=False, add_bos=False,
+                                rolling_prefix="eos", bos_model_type="gemma"),
 }
 
 
@@ -91,6 +99,7 @@ class Task:
     corpus: str | None = None       # perplexity: a corpus spec, where `path` is not given
     text_field: str = "text"        # perplexity: the hub dataset's text column
     detokenizer: str | None = None  # perplexity: "wikitext" (lm-eval's), applied before scoring
+    revision: str | None = None     # hub question sets: the dataset revision to read (None: main)
 
     @property
     def source(self) -> str:
@@ -103,11 +112,19 @@ class Task:
         return f"hub:{dataset}" + (f"/{config}" if config else "") + f" [{split}]"
 
     def load_items(self) -> list[MCQItem]:
+        return self.load_items_with_provenance()[0]
+
+    def load_items_with_provenance(self) -> tuple[list[MCQItem], dict]:
+        """The questions and what exactly was read: a local file's sha256, or the hub
+        dataset's resolved commit (and the revision asked for)."""
         if self.path is not None:
-            return load_mcq_file(self.path)
+            items = load_mcq_file(self.path)
+            return items, {"file_sha256": sha256_file(self.path), "questions": len(items)}
         if self.hub is None:
             raise WmdpError(f"task {self.name}: no data source (give --data-dir or --task)")
-        return load_hub_mcq(*self.hub)
+        items, commit = read_hub_mcq(*self.hub, revision=self.revision)
+        return items, {"revision": commit, "revision_requested": self.revision,
+                       "questions": len(items)}
 
     def load_texts(self) -> Corpus:
         """A perplexity task's corpus (every non-empty text)."""
@@ -119,7 +136,14 @@ class Task:
         return load_corpus(spec, text_field=self.text_field)
 
     def load(self) -> list[MCQItem] | Corpus:
-        return self.load_texts() if self.kind == "perplexity" else self.load_items()
+        return self.load_with_provenance()[0]
+
+    def load_with_provenance(self) -> tuple[list[MCQItem] | Corpus, dict]:
+        if self.kind != "perplexity":
+            return self.load_items_with_provenance()
+        corpus = self.load_texts()
+        record = {"file_sha256": sha256_file(self.path)} if self.path is not None else {}
+        return corpus, {**record, "texts": len(corpus.texts)}
 
 
 def build_prompt(item: MCQItem, task: Task, style: PromptStyle, fewshot: Sequence[MCQItem] = (),
@@ -185,8 +209,14 @@ class Registry:
 
     @classmethod
     def build(cls, data_dir: str | Path | None = None,
-              task_files: dict[str, str] | None = None, fmt: str | None = None) -> Registry:
+              task_files: dict[str, str] | None = None, fmt: str | None = None,
+              data_revision: str | None = None) -> Registry:
+        """`data_revision` pins the hub revision (branch, tag, commit) of every hub question
+        set (WMDP shrank from 4,157 to 3,668 questions in April 2024)."""
         reg = cls()
+        if data_revision is not None:
+            reg.tasks = {n: replace(t, revision=data_revision) if t.hub is not None else t
+                         for n, t in reg.tasks.items()}
         if data_dir is not None:
             reg.add_data_dir(Path(data_dir))
         for name, path in (task_files or {}).items():
@@ -222,7 +252,7 @@ class Registry:
 
     def _add_manifest(self, manifest: Path) -> None:
         try:
-            spec = json.loads(manifest.read_text(encoding="utf-8"))
+            spec = json.loads(read_text(manifest))
         except json.JSONDecodeError as e:
             raise WmdpError(f"{manifest} line {e.lineno}: invalid JSON ({e.msg})") from None
         allowed = {"file", "topic", "format", "description", "cloze_template", "kind", "corpus"}
@@ -273,9 +303,18 @@ class Registry:
             return [t for member in self.groups[name] for t in self._leaves(member)]
         if name in self.tasks:
             return [name]
-        raise WmdpError(f"unknown task {name!r} (tasks: wmdp, wmdp_bio, wmdp_cyber, wmdp_chem, "
-                        "mmlu, mmlu_<subject>, wikitext, ppl:<corpus>, a data dir's "
-                        "tasks.json, or --task NAME=PATH)")
+        raise WmdpError(self._unknown(name))
+
+    def _unknown(self, name: str) -> str:
+        """`unknown task` with the closest names and the tasks a data dir or --task added."""
+        known = [*self.groups, *self.tasks]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        builtin = set(builtin_tasks()) | set(builtin_groups())
+        local = [n for n in known if n not in builtin]
+        mine = f"; the data dir and --task give: {', '.join(local)}" if local else ""
+        return (f"unknown task {name!r}{hint}{mine} (built in: wmdp, wmdp_bio, wmdp_cyber, "
+                "wmdp_chem, mmlu, mmlu_<subject>, wikitext, ppl:<corpus>)")
 
     def groups_of(self, tasks: list[str]) -> dict[str, list[str]]:
         """Groups whose every leaf was run, with their direct members (for aggregation)."""

@@ -8,13 +8,14 @@ release: no header, question,A,B,C,D,letter; or a header row question,choice0..3
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from wmdp.errors import DataError, WmdpError
-from wmdp.io import jsonl_records, sha256_json
+from wmdp.io import jsonl_records, read_text, sha256_json
 
 N_CHOICES = 4
 LETTERS = "ABCD"
@@ -112,7 +113,7 @@ def _read_jsonl(path: Path) -> list[MCQItem]:
 
 def _read_json(path: Path) -> list[MCQItem]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(path, f"invalid JSON ({e.msg})", e.lineno) from None
     if isinstance(data, dict):  # {"test": [...]} or {"data": [...]}: one list inside
@@ -136,8 +137,7 @@ def _read_parquet(path: Path) -> list[MCQItem]:
 
 
 def _read_csv(path: Path) -> list[MCQItem]:
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
     header = [c.strip().lower() for c in rows[0]] if rows else []
     has_header = bool(header) and header[0] == "question" and "answer" in header
     items = []
@@ -162,15 +162,29 @@ def _read_csv(path: Path) -> list[MCQItem]:
     return items
 
 
-def load_hub_mcq(dataset: str, config: str | None, split: str = "test",
-                 revision: str | None = None) -> list[MCQItem]:
-    """Read a question set from the HuggingFace hub (e.g. cais/wmdp, wmdp-bio)."""
+def read_hub_mcq(dataset: str, config: str | None, split: str = "test",
+                 revision: str | None = None) -> tuple[list[MCQItem], str | None]:
+    """A hub question set and the commit it was read at.
+
+    `load_dataset` in two steps, so the builder can say which commit `revision` (None: the
+    default branch) resolved to: the datasets library pins one commit per load (`builder.hash`,
+    also the name of its cache directory), so later pushes cannot mix into a run.
+    """
     import datasets
 
-    where = f"hub:{dataset}" + (f"/{config}" if config else "") + f" [{split}]"
+    where = f"hub:{dataset}" + (f"/{config}" if config else "") + f" [{split}]" + \
+        (f" @{revision}" if revision else "")
     try:
-        ds = datasets.load_dataset(dataset, config, split=split, revision=revision)
+        builder = datasets.load_dataset_builder(dataset, config, revision=revision)
+        builder.download_and_prepare()
+        ds = builder.as_dataset(split=split)
     except Exception as e:  # noqa: BLE001 - network, auth and missing-config errors alike
-        raise WmdpError(f"{where}: cannot load dataset ({str(e).strip().splitlines()[0][:300]}); "
+        raise WmdpError(f"{where}: cannot load dataset ({_first_line(e)}); "
                         "point the task at local files with --data-dir or --task NAME=PATH") from e
-    return [validate_record(rec, where, i, unit="item") for i, rec in enumerate(ds, 1)]
+    commit = getattr(builder, "hash", None)
+    items = [validate_record(rec, where, i, unit="item") for i, rec in enumerate(ds, 1)]
+    return items, commit if isinstance(commit, str) else None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
