@@ -14,6 +14,7 @@ from wmdp.config import from_dict
 from wmdp.pipeline import RunConfig, load_run_config, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+PPL_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_run_writes_every_stage_and_a_faithful_report(world, tmp_path):
                 for key in ("acc", "acc_stderr"):
                     if r.get(key) is not None:
                         expected.add(f"{100 * r[key]:.1f}")
-                for key in ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"):
+                for key in PPL_METRICS:
                     if key in r:
                         expected.add(f"{r[key]:.3f}")
     found = set(numbers(tables))
@@ -82,9 +83,14 @@ def test_run_writes_every_stage_and_a_faithful_report(world, tmp_path):
     # and nothing else: every number in a table is one of them or a difference of two
     deltas = {f"{100 * (unl[p][n]['acc'] - base[p][n]['acc']):+.1f}"
               for p in ("results", "groups") for n in base[p] if "acc" in base[p][n]}
+    deltas |= {f"{100 * (unl['results'][n][m] / base['results'][n][m] - 1):+.1f}"  # relative, %
+               for n in base["results"] for m in PPL_METRICS if m in base["results"][n]}
     assert found <= expected | deltas
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 3 and "<table>" in html
+    assert html.count("data:image/png;base64,") >= 3
+    # the page's tables hold the same numbers as report.md's (HTML cells, not markdown)
+    cells = set(numbers(" ".join(re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", html, re.S))))
+    assert expected <= cells
     card = (run_dir / "unlearned" / "README.md").read_text()
     assert "forget_a.jsonl" in card and "wmdp_bio (forget)" in card
 
@@ -127,9 +133,17 @@ def test_sweep_front_and_selection_rule(world, tmp_path):
                   {"steering_coeff": [2.0, 40.0], "alpha": [1.0, 100.0]}, tmp_path / "sweep",
                   forget_metric="wmdp", general_metric="mmlu_college_biology",
                   max_general_drop=0.1, progress=False)
-    assert (tmp_path / "sweep" / "pareto.png").stat().st_size > 1000
     pts = s["points"]
     assert len(pts) == 4 and len({p["dir"] for p in pts}) == 4
+    # sweep.md's rows hold each point's own evaluation, read here from its results.json
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "sweep" / "sweep.md").read_text().splitlines()
+            if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 4
+    for i, (row, p) in enumerate(zip(rows, pts)):
+        res = json.loads((tmp_path / "sweep" / p["dir"] / "eval_unlearned" / "results.json").read_text())
+        forget, general = res["groups"]["wmdp"]["acc"], res["results"]["mmlu_college_biology"]["acc"]
+        assert [c.strip() for c in row[2:4]] == [f"{100 * forget:.1f}", f"{100 * general:.1f}"]
+        assert (row[6].strip() == "**yes**") == (i == s["selected"])
     ok = [i for i, p in enumerate(pts) if s["base"]["general"] - p["general"] <= 0.1 + 1e-12]
     if ok:
         best = min(pts[i]["forget"] for i in ok)
@@ -153,6 +167,17 @@ def test_configs_sandbox_yaml_is_the_embedded_default():
     from_file = load_run_config(ROOT / "configs" / "sandbox.yaml")
     assert from_file == load_run_config(None)
     assert load_run_config(None).sandbox is not None
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_passes_the_checks_a_run_makes_first(path, tmp_path):
+    from wmdp.pipeline import Pipeline
+
+    cfg = load_run_config(path, [f"output={tmp_path / 'run'}"])
+    pipe = Pipeline(cfg, create=False)  # method, every key, sizes, the audit's settings
+    assert not (tmp_path / "run").exists()
+    _, hp, uc = pipe.unlearn_settings()
+    assert len(uc.forget_corpora) == len(uc.retain_corpora) == 2 and hp.lr > 0
 
 
 @pytest.mark.parametrize("name", ["zephyr-7b-rmu.yaml", "yi-34b-rmu.yaml", "mixtral-8x7b-rmu.yaml"])
@@ -209,4 +234,52 @@ def test_sandbox_run_end_to_end_with_the_small_fixture(tmp_path):
     unl = json.loads((run_dir / "eval_unlearned" / "results.json").read_text())["groups"]
     assert base["sandbox_forget"]["acc"] >= 0.95 and unl["sandbox_forget"]["acc"] <= 0.5
     assert unl["sandbox_general"]["acc"] >= 0.9
-    assert "sandbox_bio" in (run_dir / "report.md").read_text()
+    row = next(line for line in (run_dir / "report.md").read_text().splitlines()
+               if line.startswith("| sandbox_forget |") or line.startswith("| sandbox_forget "))
+    assert f"{100 * base['sandbox_forget']['acc']:.1f}" in row
+    assert f"{100 * unl['sandbox_forget']['acc']:.1f}" in row
+
+
+def small_sandbox_config(tmp_path: Path, *overrides: str) -> RunConfig:
+    """The embedded default on the small fixture (copied into a cache of its own)."""
+    import shutil
+
+    from wmdp.sandbox.build import fingerprint, sandbox_config
+
+    cache = tmp_path / "cache"
+    where = cache / f"small-seed0-{fingerprint(sandbox_config('small', 0))[:10]}"
+    if not where.exists():
+        shutil.copytree(ROOT / "tests" / "fixtures" / "sandbox-small", where)
+    return load_run_config(None, ["sandbox.preset=small", f"sandbox.cache_dir={cache}",
+                                  "device=cpu", *overrides])
+
+
+def test_sweep_over_a_key_that_matters_trains_different_models(tmp_path):
+    """The sandbox preset steers with adaptive_coeff: sweeping steering_coeff is refused before
+    anything runs; sweeping adaptive_coeff gives models and control vectors that differ."""
+    from safetensors.torch import load_file
+
+    from wmdp.errors import WmdpError
+    from wmdp.sweep import run_sweep
+
+    cfg = small_sandbox_config(tmp_path, "eval.tasks=[sandbox_forget,sandbox_general]",
+                               "unlearn.settings.max_num_batches=3", "unlearn.settings.epochs=1")
+    kw = dict(forget_metric="sandbox_forget", general_metric="sandbox_general", progress=False)
+    with pytest.raises(WmdpError, match="steering_coeff: no effect on the model: adaptive_coeff"):
+        run_sweep(cfg, {"steering_coeff": [1.0, 20.0]}, tmp_path / "ignored", **kw)
+    assert not (tmp_path / "ignored").exists()
+    s = run_sweep(cfg, {"adaptive_coeff": [1.0, 10.0]}, tmp_path / "sweep", **kw)
+    dirs = [tmp_path / "sweep" / p["dir"] for p in s["points"]]
+    a, b = (load_file(d / "unlearned" / "model.safetensors") for d in dirs)
+    moved = [k for k in a if not torch_equal(a[k], b[k])]
+    assert moved and all(".layers.3." not in k for k in moved)  # blocks 0-2 train, not 3
+    # step 0, before any update: the same activations, a control vector 10x as long
+    first = [json.loads((d / "unlearned" / "metrics.jsonl").read_text().splitlines()[0])
+             for d in dirs]
+    assert first[1]["forget_loss"] > 5 * first[0]["forget_loss"]
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))

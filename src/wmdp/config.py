@@ -9,16 +9,18 @@ Values of overrides are parsed as YAML (`3` is an int, `[5, 6]` a list, `null` N
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import yaml
 
 from wmdp.errors import WmdpError
 
 T = TypeVar("T")
+OPEN = "any key"  # a schema entry whose keys are free (a NAME: PATH mapping, chat settings)
 
 
 class _Loader(yaml.SafeLoader):
@@ -88,9 +90,64 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise WmdpError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
+        raise unknown_name("key", unknown[0], fields, where)
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     return cls(**kwargs)
+
+
+def unknown_name(what: str, name: str, known: Iterable[str], where: str = "") -> WmdpError:
+    """The one error for a name nobody knows (a key, grid key, method): the closest known name
+    first, then all of them, so a typo is fixed from the message alone."""
+    known = list(known)
+    close = closest(name, known)
+    hint = f"did you mean {close!r}? " if close else ""
+    return WmdpError(f"{where + ': ' if where else ''}unknown {what} {name!r} "
+                     f"({hint}known: {', '.join(known)})")
+
+
+def closest(name: str, known: list[str]) -> str | None:
+    """The known name most like `name`: by the last dotted part first (a typo in `alpah`, or
+    the right key in the wrong section, `unlearn.settings.lr`), then by the whole path."""
+    def score(candidate: str) -> tuple[float, float]:
+        leaf = difflib.SequenceMatcher(None, name.rpartition(".")[2], candidate.rpartition(".")[2])
+        return leaf.ratio(), difflib.SequenceMatcher(None, name, candidate).ratio()
+
+    best = max(known, key=score, default=None)
+    return best if best is not None and score(best)[0] >= 0.6 else None
+
+
+def schema(cls: type) -> dict[str, Any]:
+    """The keys dataclass `cls` accepts: {field: None (a value) | {nested field: ...} | OPEN}."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = _unwrap(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            out[f.name] = schema(tp)  # type: ignore[arg-type]
+        else:
+            out[f.name] = OPEN if typing.get_origin(tp) is dict else None
+    return out
+
+
+def key_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every settable dotted key of a schema (a section's own keys, not the section)."""
+    out: list[str] = []
+    for key, sub in tree.items():
+        if isinstance(sub, dict) and sub:
+            out += key_paths(sub, f"{prefix}{key}.")
+        else:
+            out.append(prefix + key)
+    return out
+
+
+def check_keys(data: dict, tree: dict[str, Any], prefix: str = "", where: str = "") -> None:
+    """Every key of nested `data` is in schema `tree`; else the closest known dotted key."""
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in tree:
+            raise unknown_name("key", path, key_paths(tree, prefix), where)
+        if isinstance(tree[key], dict) and isinstance(value, dict):
+            check_keys(value, tree[key], path + ".", where)
 
 
 def load_config(cls: type[T], path: str | Path | None = None,

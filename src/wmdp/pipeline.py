@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from wmdp.config import load_config, to_dict
+from wmdp.config import check_keys, load_config, schema, to_dict, unknown_name
 from wmdp.errors import WmdpError
 from wmdp.io import library_versions, prepare_output_dir, read_json, sha256_json, write_json
 
@@ -122,32 +122,65 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     return load_config(RunConfig, path, overrides)
 
 
-def _cache_dir(section: SandboxSection) -> Path:
+def sandbox_cache_dir(section: SandboxSection) -> Path:
+    """Where sandboxes are kept: the section's cache_dir, else $XDG_CACHE_HOME/wmdp/sandbox."""
     if section.cache_dir:
         return Path(section.cache_dir).expanduser()
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "wmdp" / "sandbox"
 
 
-class Pipeline:
-    """The stages of one run over one run directory."""
+def sandbox_location(section: SandboxSection) -> tuple[Any, Path]:
+    """The section's sandbox config and the cache directory it is built in (named by preset,
+    seed and the config's fingerprint, so another setting never reuses a build)."""
+    from wmdp.sandbox.build import fingerprint, sandbox_config
 
-    def __init__(self, config: RunConfig, overwrite: bool = False, progress: bool = True) -> None:
+    cfg = sandbox_config(section.preset, section.seed, None, section.overrides)
+    name = f"{section.preset}-seed{section.seed}-{fingerprint(cfg)[:10]}"
+    return cfg, sandbox_cache_dir(section) / name
+
+
+def built_sandbox(section: SandboxSection) -> Path:
+    """The cached sandbox of `section` (what `wmdp sandbox path` prints); an error if it is
+    not built yet. Builds nothing."""
+    path = sandbox_location(section)[1]
+    if not ((path / "data" / "manifest.json").is_file()
+            and (path / "model" / "model.safetensors").is_file()):
+        how = ("`wmdp run` (or ./run.sh)" if (section.preset, section.seed) == ("default", 0)
+               else f"`wmdp run --set sandbox.preset={section.preset} --set sandbox.seed="
+                    f"{section.seed}`")
+        raise WmdpError(f"no {section.preset} sandbox with seed {section.seed} is built in "
+                        f"{path.parent} yet: {how} builds it")
+    return path
+
+
+class Pipeline:
+    """The stages of one run over one run directory.
+
+    Every setting is checked when the pipeline is made, before the run directory is touched:
+    an input error leaves nothing behind. `create=False` checks without writing (a sweep checks
+    all its points first)."""
+
+    def __init__(self, config: RunConfig, overwrite: bool = False, progress: bool = True,
+                 create: bool = True) -> None:
         self.config, self.progress = config, progress
         keep = to_dict(config)
         keep.pop("device", None)
         keep.pop("device_map", None)
         self.fingerprint = sha256_json(keep)
-        self.dir = prepare_output_dir(config.output, overwrite, RUN_RECORD, self.fingerprint)
-        write_json(self.dir / RUN_RECORD, {"fingerprint": self.fingerprint, "config": to_dict(config),
-                                           "versions": library_versions()})
+        self.dir = Path(config.output)
         self.sandbox_dir: Path | None = None
         if config.sandbox is not None:
-            from wmdp.sandbox.build import fingerprint, sandbox_config
-
-            s = config.sandbox
-            self.sandbox_cfg = sandbox_config(s.preset, s.seed, None, s.overrides)
-            self.sandbox_dir = _cache_dir(s) / f"{s.preset}-seed{s.seed}-{fingerprint(self.sandbox_cfg)[:10]}"
+            self.sandbox_cfg, self.sandbox_dir = sandbox_location(config.sandbox)
+        check_run(self)
+        if create:
+            self.dir = prepare_output_dir(config.output, overwrite, RUN_RECORD, self.fingerprint,
+                                          inputs={"model": config.model, "sandbox": self.sandbox_dir,
+                                                  "eval.data_dir": config.eval.data_dir,
+                                                  **config.eval.task_files})
+            write_json(self.dir / RUN_RECORD, {"fingerprint": self.fingerprint,
+                                               "config": to_dict(config),
+                                               "versions": library_versions()})
 
     # -- bookkeeping -----------------------------------------------------------------------
     def done(self) -> dict[str, Any]:
@@ -226,6 +259,7 @@ class Pipeline:
         from wmdp.unlearn import resolve
 
         c, u = self.config, self.config.unlearn
+        check_unlearn_keys(u)
         settings = dict(u.settings)
         method_section = settings.pop(u.method, None)
         flags = {"model": self.base_model(), "output": str(self.dir / "unlearned"),
@@ -238,7 +272,10 @@ class Pipeline:
         flags.update(settings)  # the config's own corpora and settings win
         for key, value in (method_section or {}).items():
             flags[f"{u.method}.{key}"] = value
-        return resolve(u.method, preset=u.preset, settings=flags)
+        # a flag of None means "unset"; a config's explicit null clears the preset's value
+        nulls = [f"{key}=null" for key, value in flags.items()
+                 if value is None and (key in settings or key.startswith(f"{u.method}."))]
+        return resolve(u.method, preset=u.preset, settings=flags, overrides=nulls)
 
     def unlearn(self) -> None:
         from wmdp.unlearn import run_unlearning
@@ -247,12 +284,20 @@ class Pipeline:
         run_unlearning(method, hparams, config, progress=self.progress)
 
     def audit(self) -> None:
-        from wmdp.audit.run import audit_config, run_audit
+        from wmdp.audit.run import run_audit
+
+        run_audit(self.audit_settings(), progress=self.progress)
+
+    def audit_settings(self, tasks: list[str] | None = None) -> Any:
+        """The audit's config; `tasks` stands in for the default ones when checking a run
+        whose data (the sandbox's) is not built yet."""
+        from wmdp.audit.run import AuditConfig, audit_config
 
         c, a, e = self.config, self.config.audit, self.config.eval
+        check_keys(a.settings, schema(AuditConfig), "audit.settings.")
         unlearn = self.unlearn_settings()[2]
         settings = {"model": str(self.dir / "unlearned"), "base": self.base_model(),
-                    "tasks": a.tasks or [t for t in e.forget if t in self._leaf_tasks()],
+                    "tasks": a.tasks or tasks or [t for t in e.forget if t in self._leaf_tasks()],
                     "attacks": a.attacks, "output": str(self.dir / "audit"),
                     "forget_corpora": unlearn.forget_corpora,
                     "retain_corpora": list(dict.fromkeys(unlearn.retain_corpora)),
@@ -261,7 +306,7 @@ class Pipeline:
                     "format": e.format, "base_revision": c.revision, "dtype": c.dtype,
                     "device": c.device, "device_map": c.device_map,
                     "trust_remote_code": c.trust_remote_code, **a.settings}
-        run_audit(audit_config(preset=a.preset, settings=settings), progress=self.progress)
+        return audit_config(preset=a.preset, settings=settings)
 
     def _leaf_tasks(self) -> set[str]:
         from wmdp.tasks import Registry
@@ -282,6 +327,77 @@ class Pipeline:
 
         e = self.config.eval
         write_report(self.dir, forget=e.forget, near=e.near, main=e.main)
+
+
+# -- checks: every setting, before anything is written or run -----------------------------
+def check_unlearn_keys(u: UnlearnSection) -> None:
+    """The method's name, and every key of `unlearn.settings` against the shared settings and
+    the method's own section (`unlearn.settings.rmu.alpha`), with the closest key suggested."""
+    from wmdp.unlearn.loop import UnlearnConfig
+    from wmdp.unlearn.registry import METHODS
+
+    if u.method not in METHODS:
+        raise unknown_name("unlearning method", u.method, METHODS, "unlearn.method")
+    tree = {**schema(UnlearnConfig), u.method: schema(METHODS[u.method][1])}
+    check_keys(u.settings, tree, "unlearn.settings.")
+
+
+def _at_least(values: dict[str, Any], minimum: int | float) -> None:
+    for name, value in values.items():
+        if value is not None and not value >= minimum:  # `not >=`: NaN fails too
+            raise WmdpError(f"{name} is {value}, expected at least {minimum}")
+
+
+# Sizes and counts of the audit's attacks (section.field: the least that runs); the audit's
+# own checks (probe folds, attack names, corpora) run here too, before anything is written.
+AUDIT_MINIMUMS = {"probe.control_shuffles": 0, "relearn.num_texts": 1,
+                  "relearn.steps": 1, "relearn.eval_every": 1, "relearn.batch_size": 1,
+                  "relearn.max_length": 1, "relearn.lora_rank": 1, "gcg.num_train": 1,
+                  "gcg.steps": 1, "gcg.search_width": 1, "gcg.topk": 1, "gcg.n_replace": 1,
+                  "gcg.eval_batch_size": 1, "fewshot.pool_size": 1, "activations.num_texts": 1,
+                  "activations.max_length": 1, "activations.batch_size": 1}
+
+
+def check_run(pipe: Pipeline) -> None:
+    """Method, keys, sizes and counts of every stage; raises the first problem found."""
+    c, e = pipe.config, pipe.config.eval
+    if not e.tasks:
+        raise WmdpError("eval.tasks names no task")
+    if e.batch_size != "auto" and not (e.batch_size.isdigit() and int(e.batch_size) > 0):
+        raise WmdpError(f"eval.batch_size is {e.batch_size!r}, expected a positive integer or auto")
+    _at_least({"eval.limit": e.limit}, 1)
+    _, hparams, u = pipe.unlearn_settings()
+    _at_least({f"unlearn.settings.{k}": getattr(u, k)
+               for k in ("batch_size", "max_num_batches", "epochs")}, 1)
+    _at_least({"unlearn.settings.min_len": u.min_len,
+               "unlearn.settings.checkpoint_every": u.checkpoint_every}, 0)
+    if not u.forget_corpora or len(u.retain_corpora) != len(u.forget_corpora):
+        raise WmdpError(f"unlearn.settings: {len(u.forget_corpora)} forget corpora and "
+                        f"{len(u.retain_corpora)} retain corpora; give one retain corpus per "
+                        "forget corpus (at least one)")
+    method = c.unlearn.method
+    lr = getattr(hparams, "lr", None)
+    if lr is not None and not 0 < lr < float("inf"):
+        raise WmdpError(f"unlearn.settings.{method}.lr is {lr}, expected a positive number")
+    for name in ("steering_coeffs", "alpha"):  # per topic: one value for all, or one each
+        values = getattr(hparams, name, None)
+        if isinstance(values, list) and len(values) not in (1, len(u.forget_corpora)):
+            raise WmdpError(f"unlearn.settings.{method}.{name} has {len(values)} values for "
+                            f"{len(u.forget_corpora)} forget corpora (give 1 or "
+                            f"{len(u.forget_corpora)})")
+    if c.audit is not None:
+        from wmdp.audit.run import _check as check_audit  # the audit's own checks, run early
+
+        audit = pipe.audit_settings(tasks=list(e.forget))
+        check_audit(audit)
+        for key, least in AUDIT_MINIMUMS.items():
+            section, name = key.split(".")
+            _at_least({f"audit.settings.{key}": getattr(getattr(audit, section), name, None)},
+                      least)
+    if c.chat is not None:
+        from wmdp.chat.run import chat_config
+
+        chat_config({**c.chat.settings, "model": "-"}, "chat.settings")
 
 
 def run_pipeline(config: RunConfig, overwrite: bool = False, progress: bool = True,

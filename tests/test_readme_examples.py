@@ -1,0 +1,92 @@
+"""README.md's example commands, run as written and in order, after a stand-in for `./run.sh`.
+
+The blocks run are the fenced ```bash blocks that follow a marker comment in README.md:
+
+    <!-- example: sandbox -->      wmdp sandbox path, then wmdp eval on the sandbox
+    <!-- example: baselines -->    wmdp unlearn npo, its evaluation, wmdp compare
+    <!-- example: audit -->        wmdp audit of the main run's unlearned model
+
+They run in one bash script (`set -e`, each command echoed), in a temporary working directory
+whose sandbox cache ($XDG_CACHE_HOME) holds the small fixture under the name the default
+sandbox has: the small world stands in for the default one (whose build takes 4 minutes), so
+every command runs unchanged. The stand-in for `./run.sh` is `wmdp run --set audit=null`
+(the README's main job without its 2-minute audit, which the audit example runs instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "sandbox-small"
+README = ROOT / "README.md"
+MARKED = re.compile(r"<!-- example: ([\w-]+) -->\s*\n```(?:bash|sh)\n(.*?)```", re.S)
+EXPECTED = ["sandbox", "baselines", "audit"]  # the markers README.md must hold, in this order
+
+
+def readme_examples() -> list[tuple[str, str]]:
+    return MARKED.findall(README.read_text(encoding="utf-8"))
+
+
+def stand_in_sandbox(cache: Path) -> Path:
+    """The small fixture where `wmdp run` (the default preset, seed 0) keeps its sandbox,
+    recorded as that build, so the run and `wmdp sandbox path` both find it."""
+    from wmdp.pipeline import SandboxSection, sandbox_location
+    from wmdp.sandbox.build import fingerprint
+
+    config, where = sandbox_location(SandboxSection())
+    assert str(where).startswith(str(cache))
+    shutil.copytree(FIXTURE, where)
+    record = json.loads((where / "build.json").read_text())
+    record["fingerprint"] = fingerprint(config)  # recorded as the default build
+    (where / "build.json").write_text(json.dumps(record))
+    return where
+
+
+def bash(script: str, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", "set -euo pipefail -x\n" + script], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_readme_examples_run_as_written(tmp_path, monkeypatch):
+    blocks = readme_examples()
+    missing = [name for name in EXPECTED if name not in [n for n, _ in blocks]]
+    if missing:
+        pytest.skip("README.md has no marked example block for "
+                    + ", ".join(f"<!-- example: {n} -->" for n in missing) + " yet")
+    assert [n for n, _ in blocks if n in EXPECTED] == EXPECTED, "marked blocks out of order"
+    cache = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    sandbox = stand_in_sandbox(cache)
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    work = tmp_path / "clone"
+    work.mkdir()
+    main_job = bash("wmdp run --set audit=null", work, env)
+    assert main_job.returncode == 0, main_job.stderr[-3000:]
+    done = bash("\n".join(code for _, code in blocks), work, env)
+    assert done.returncode == 0, f"a README example failed:\n{done.stderr[-3000:]}"
+
+    # `wmdp sandbox path` led every example to the sandbox the main job used
+    ev = json.loads((work / "runs" / "sandbox-eval" / "results.json").read_text())
+    assert Path(ev["config"]["model"]).resolve() == (sandbox / "model").resolve()
+    # the same model and questions as the sandbox build's own evaluation: the same accuracy
+    # (another batch size may flip a near-tie: one question of 30 at most)
+    built = json.loads((sandbox / "eval" / "results.json").read_text())
+    for task in ("sandbox_bio", "sandbox_cyber", "sandbox_geography_seen"):
+        assert ev["results"][task]["acc"] == pytest.approx(built["results"][task]["acc"], abs=0.034)
+    npo = json.loads((work / "runs" / "npo-eval" / "results.json").read_text())
+    assert {"sandbox_forget", "sandbox_general"} <= set(npo["groups"])
+    table = (work / "runs" / "compare" / "compare.md").read_text()
+    assert "npo-eval" in table and "sandbox" in table
+    audit = json.loads((work / "runs" / "audit" / "audit.json").read_text())
+    assert set(audit["verdicts"]) == {"probe", "relearn", "gcg", "fewshot", "activations"}
