@@ -502,3 +502,81 @@ def test_chat_config_from_settings():
     assert cfg.judge.batch_size == 2
     with pytest.raises(WmdpError, match="chat: unknown key 'judge_model'"):
         chat_config({"judge_model": "x"})
+
+
+# --- replies that must not hurt: an echoed key, a rating the parser cannot take ----------------
+
+def test_echoed_key_is_redacted_everywhere(capsys, chat_model, tmp_path, monkeypatch):
+    """An endpoint that echoes the request's Authorization header in a 200 reply: the key is
+    in no file, no cache and no output, whatever the server returns."""
+    monkeypatch.setenv("WMDP_TEST_JUDGE_KEY", SECRET)
+    holder: list[FakeEndpoint] = []
+
+    def echo(body, n):
+        auth = holder[0].requests[n - 1]["auth"]
+        return 200, f"You sent {auth} (key {SECRET}). Rating: [[5]]", 0.0
+
+    out = tmp_path / "chat"
+    with FakeEndpoint(echo) as ep:
+        holder.append(ep)
+        code = main(["chat-eval", "--model", str(chat_model), "--judge", "openai:judge-model",
+                     "--judge-base-url", ep.url, "--judge-api-key-env", "WMDP_TEST_JUDGE_KEY",
+                     "--output", str(out), "--limit", "1", "--max-new-tokens", "2",
+                     "--dtype", "float32"])
+        assert ep.requests[0]["auth"] == f"Bearer {SECRET}"  # it was sent, and echoed
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    judgments = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert judgments[0]["judgment"] == "You sent Bearer *** (key ***). Rating: [[5]]"
+    assert judgments[0]["score"] == 5.0
+    for f in out.iterdir():
+        assert SECRET not in f.read_text(), f.name
+    assert SECRET not in stdout + err
+
+
+def test_huge_rating_is_unparseable_and_a_rerun_does_not_crash(tmp_path):
+    huge = "Rating: [[" + "9" * 5000 + "]]"
+    assert parse_rating(huge) is None
+    assert parse_rating("[" + "1" * 5000 + ".5]") is None
+    questions = two_questions()[:1]
+    with FakeEndpoint(lambda body, n: (200, huge, 0.0)) as ep:
+        for _ in range(2):  # the second run reads the cached reply
+            judgments = judge_answers(questions, answers_for(questions), client(ep.url),
+                                      JudgmentCache(tmp_path / "cache.jsonl"), progress=False)
+            assert [j["status"] for j in judgments] == ["unparseable", "unparseable"]
+        assert len(ep.requests) == 2
+
+
+def test_a_reply_that_crashes_the_parser_is_never_cached(tmp_path, monkeypatch):
+    from wmdp.chat import judge as judge_module
+
+    def crash(text):
+        raise RecursionError("a parser bug")
+
+    monkeypatch.setattr(judge_module, "parse_rating", crash)
+    questions = two_questions()[:1]
+    with FakeEndpoint(rating_by_turn) as ep:
+        judgments = judge_answers(questions, answers_for(questions), client(ep.url),
+                                  JudgmentCache(tmp_path / "cache.jsonl"), progress=False)
+    assert [j["status"] for j in judgments] == ["unparseable", "unparseable"]
+    assert not (tmp_path / "cache.jsonl").exists()  # a rerun asks again
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--judge-timeout", "nan"], "--judge-timeout is nan"),
+    (["--judge-timeout", "inf"], "--judge-timeout is inf"),
+    (["--judge-timeout", "0"], "--judge-timeout is 0.0"),
+    (["--judge-base-url", "notaurl"], "--judge-base-url 'notaurl' is not an http(s) URL"),
+    (["--judge-base-url", "ftp://host/v1"], "is not an http(s) URL"),
+    (["--judge-base-url", "http://[::1/v1"], "is not an http(s) URL"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens is -1, expected at least 1"),
+    (["--batch-size", "0"], "--batch-size is 0, expected at least 1"),
+    (["--limit", "0"], "--limit is 0, expected at least 1"),
+    (["--temperature", "nan"], "--temperature is nan"),
+])
+def test_chat_eval_bad_settings_one_line(capsys, chat_model, tmp_path, flags, expected):
+    code = main(["chat-eval", "--model", str(chat_model), "--judge", "openai:j",
+                 "--output", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "o").exists()

@@ -91,3 +91,80 @@ def test_console_script_exit_code(tmp_path):
                         "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == f"wmdp: {tmp_path / 'none'}: model directory not found"
+
+
+# --- argparse's errors, outputs apart from inputs, one writer per output ------------------------
+
+@pytest.mark.parametrize("argv,expected", [
+    (["eval", "--limit", "x"], "wmdp: eval: argument --limit: invalid int value: 'x' "
+                               "(see wmdp eval --help)"),
+    (["unlearn", "rmu", "--no-such-flag"], "wmdp: unlearn rmu: unrecognized arguments: "
+                                           "--no-such-flag (see wmdp unlearn rmu --help)"),
+    (["sandbox", "build", "--output", "o", "--preset", "huge"],
+     "wmdp: sandbox build: argument --preset: invalid choice: 'huge' (choose from 'default', "
+     "'small') (see wmdp sandbox build --help)"),
+    (["sweep", "--grid", "alpha=1", "--output", "o", "--max-general-drop", "nan"],
+     "wmdp: sweep: argument --max-general-drop: expected a number in 0-1, got nan"),
+    (["nope"], "wmdp: argument command: invalid choice: 'nope'"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(expected), err
+
+
+def test_help_still_prints_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0 and "usage: wmdp eval" in capsys.readouterr().out
+
+
+def test_check_apart(tmp_path):
+    from wmdp.errors import WmdpError
+    from wmdp.io import check_apart
+
+    model = tmp_path / "p" / "model"
+    model.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(model)
+    check_apart(tmp_path / "out", {"--model": model})
+    check_apart(tmp_path / "p" / "model-2", {"--model": model})  # a sibling, not inside
+    check_apart(model, {"--model": "org/model", "--data-dir": None})  # a hub id is no path
+    for out, relation in ((model, "is"), (tmp_path / "p", "holds"), (tmp_path, "holds"),
+                          (model / "sub", "lies inside"), (tmp_path / "link", "is"),
+                          (tmp_path / "link" / "x", "lies inside")):
+        with pytest.raises(WmdpError) as e:
+            check_apart(out, {"--model": model})
+        assert str(e.value) == (f"{out}: the output directory {relation} the input {model} "
+                                "(--model); choose another output directory")
+
+
+def test_compare_overwrite(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(
+        {"results": {"t": {"acc": 0.5, "acc_stderr": 0.1, "n": 4}}, "groups": {}}))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(run), "--output", str(out)]) == 0
+    first = (out / "compare.json").read_text()
+    capsys.readouterr()
+    assert main(["compare", str(run), "--output", str(out)]) == 2  # its own earlier output too
+    assert "not empty" in capsys.readouterr().err
+    (out / "mine.txt").write_text("keep")
+    assert main(["compare", str(run), "--output", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png"]
+    assert (out / "compare.json").read_text() == first
+
+
+def test_read_text_names_the_line_of_a_bad_byte(tmp_path):
+    from wmdp.errors import DataError
+    from wmdp.io import jsonl_records, read_json
+
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"a": "\xe9"}\n')
+    with pytest.raises(DataError, match=r"x.jsonl line 2: not UTF-8 text \(byte 0xe9\)"):
+        list(jsonl_records(p))
+    j = tmp_path / "x.json"
+    j.write_bytes(b'{\n "a": "\xff"}')
+    with pytest.raises(DataError, match=r"x.json line 2: not UTF-8 text \(byte 0xff\)"):
+        read_json(j)

@@ -10,9 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
+from wmdp.cli_errors import OneLineParser, nonnegative_fraction, undecodable_file
 from wmdp.errors import WmdpError
+
+
+def _check_config_apart(output: str | None, config_file: str | None) -> None:
+    """A config file is an input too: an output there could delete it (--overwrite)."""
+    from wmdp.io import check_apart
+
+    if output and config_file:
+        check_apart(output, {"the config file": config_file})
 
 
 def _csv(value: str) -> list[str]:
@@ -52,7 +62,10 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score a model on WMDP, MMLU and custom MCQ sets")
     add_model_args(p)
     add_task_args(p)
-    p.add_argument("--tasks", type=_csv, required=True, help="comma-separated tasks or groups")
+    p.add_argument("--tasks", type=_csv, default=None,
+                   help="comma-separated tasks or groups (default: the --task names)")
+    p.add_argument("--data-revision", default=None,
+                   help="hub revision (branch, tag or commit) of cais/wmdp and cais/mmlu")
     p.add_argument("--output", required=True, help="directory for results.json and samples")
     p.add_argument("--batch-size", default="auto", help="rows per forward pass, or auto")
     p.add_argument("--max-length", type=int, default=None,
@@ -66,14 +79,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from wmdp.distributed import init_from_env, is_main
     from wmdp.evaluate import EvalConfig, format_table, run_eval
 
-    init_from_env()  # under torchrun: data-parallel, rank 0 writes
+    tasks = args.tasks if args.tasks is not None else list(dict(args.task_files))
+    if not tasks:
+        raise WmdpError("--tasks names no task (give --tasks NAME[,NAME...] or --task NAME=PATH)"
+                        if args.tasks is not None else "eval: give --tasks NAME[,NAME...] "
+                        "(tasks or groups) or --task NAME=PATH")
     config = EvalConfig(model=args.model, revision=args.revision, dtype=args.dtype,
                         device=args.device, device_map=args.device_map,
                         batch_size=args.batch_size, max_length=args.max_length,
                         prompt_style=args.prompt_style,
                         format=args.format, limit=args.limit, data_dir=args.data_dir,
-                        task_files=dict(args.task_files), trust_remote_code=args.trust_remote_code)
-    results = run_eval(config, args.tasks, args.output, overwrite=args.overwrite)
+                        task_files=dict(args.task_files), data_revision=args.data_revision,
+                        trust_remote_code=args.trust_remote_code)
+    config.validate()  # bad numbers fail before torch.distributed or any file is touched
+    init_from_env()  # under torchrun: data-parallel, rank 0 writes
+    results = run_eval(config, tasks, args.output, overwrite=args.overwrite)
     if not is_main():
         return 0
     print(format_table(results))
@@ -109,8 +129,16 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                 or k in _unlearn_shared_keys()}
     method, hparams, config = resolve(args.method, preset=args.preset, config_file=args.config,
                                       settings=settings, overrides=args.overrides)
+    if config.checkpoint_every < 0:
+        raise WmdpError(f"--checkpoint-every is {config.checkpoint_every}, expected 0 (never) "
+                        "or a number of steps")
+    _check_config_apart(config.output, args.config)
+    from wmdp.unlearn.loop import FINAL_RECORD
+
+    finished = (Path(config.output) / FINAL_RECORD).is_file() and not args.overwrite
     out = run_unlearning(method, hparams, config, overwrite=args.overwrite)
-    print(f"wrote the unlearned model to {out}")
+    if not finished:  # else run_unlearning said it found the finished run and did nothing
+        print(f"wrote the unlearned model to {out}")
     return 0
 
 
@@ -198,16 +226,36 @@ def _sandbox_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="settings over the preset, e.g. train.epochs=30 world.docs_per_entity=6")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    b.add_argument("--no-oracle", action="store_true", help="skip the oracle (a model trained "
+                   "without the forget domains, in oracle/; ~half the build time)")
     b.set_defaults(func=_cmd_sandbox_build)
+    w = actions.add_parser("path", help="print the cached sandbox directory `wmdp run` built "
+                           "(builds nothing)")
+    w.add_argument("--preset", default="default", choices=["default", "small"])
+    w.add_argument("--seed", type=int, default=0, help="the world and the training seed")
+    w.add_argument("--cache-dir", default=None,
+                   help="the run's sandbox.cache_dir (default: $XDG_CACHE_HOME/wmdp/sandbox, "
+                        "else ~/.cache/wmdp/sandbox)")
+    w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the run's sandbox.overrides")
+    w.set_defaults(func=_cmd_sandbox_path)
 
 
 def _cmd_sandbox_build(args: argparse.Namespace) -> int:
     from wmdp.sandbox.build import build_sandbox, describe, sandbox_config
 
-    config = sandbox_config(args.preset, args.seed, args.config, args.overrides)
+    _check_config_apart(args.output, args.config)
+    config = sandbox_config(args.preset, args.seed, args.config,
+                            args.overrides + ["oracle=false"] * args.no_oracle)
     manifest = build_sandbox(args.output, config, overwrite=args.overwrite)
     print(describe(manifest))
     print(f"wrote {args.output} (data/, model/, train/log.jsonl, eval/results.json)")
+    return 0
+
+
+def _cmd_sandbox_path(args: argparse.Namespace) -> int:
+    from wmdp.pipeline import SandboxSection, built_sandbox
+
+    print(built_sandbox(SandboxSection(args.preset, args.seed, args.cache_dir, args.overrides)))
     return 0
 
 
@@ -224,6 +272,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from wmdp.pipeline import load_run_config, main_table, run_pipeline
 
     config = load_run_config(args.config, args.overrides)
+    _check_config_apart(config.output, args.config)
     run_dir = run_pipeline(config, overwrite=args.overwrite)
     print(main_table(run_dir))
     print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}")
@@ -234,13 +283,14 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="a hyperparameter grid with its Pareto front")
     p.add_argument("config", nargs="?", help="YAML run config (default: the offline sandbox)")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
-                   help="hyperparameter values, e.g. steering_coeff=1,3,10 alpha=10,100")
+                   help="hyperparameter values, e.g. adaptive_coeff=1,3,10 alpha=10,100 "
+                        "(a key the resolved config ignores is refused)")
     p.add_argument("--output", required=True, help="the sweep directory")
     p.add_argument("--forget-metric", default=None,
                    help="task or group whose accuracy should fall (default: sandbox_forget or wmdp)")
     p.add_argument("--general-metric", default=None,
                    help="task or group whose accuracy should hold (default: sandbox_general or mmlu)")
-    p.add_argument("--max-general-drop", type=float, default=0.05,
+    p.add_argument("--max-general-drop", type=nonnegative_fraction, default=0.05,
                    help="largest allowed fall of general accuracy (absolute, 0.05 = 5 points)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--overwrite", action="store_true")
@@ -251,6 +301,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from wmdp.pipeline import load_run_config
     from wmdp.sweep import parse_grid, run_sweep, sweep_table
 
+    _check_config_apart(args.output, args.config)
     config = load_run_config(args.config, args.overrides)
     sandbox = config.sandbox is not None
     summary = run_sweep(config, parse_grid(args.grid), args.output,
@@ -278,6 +329,8 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default="acc", choices=["acc", "acc_norm"])
     p.add_argument("--output", default=None,
                    help="directory for compare.md, compare.json and compare.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output directory")
     p.set_defaults(func=_cmd_compare)
 
 
@@ -285,7 +338,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from wmdp.compare import run_compare
 
     table = run_compare(args.runs, output=args.output, forget=args.forget, tasks=args.tasks,
-                        metric=args.metric)
+                        metric=args.metric, overwrite=args.overwrite)
     print(table["markdown"])
     if args.output:
         print(f"wrote {os.path.join(args.output, 'compare.md')}, compare.json, compare.png")
@@ -337,20 +390,43 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         "device": None if args.device == "auto" else args.device,
         "trust_remote_code": args.trust_remote_code or None}
     config = audit_config(args.preset, args.config, settings, args.overrides)
+    _check_config_apart(config.output, args.config)
     record = run_audit(config, overwrite=args.overwrite)
     print(verdicts_markdown(record))
     print(f"wrote {os.path.join(args.output, 'audit.json')}")
     return 0
 
 
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    def run(args: argparse.Namespace) -> int:
+        from wmdp.plan import run_plan  # torch loads only when the command runs
+
+        return run_plan(args)
+
+    methods = ["all", "rmu", "ga", "graddiff", "npo", "llmu", "scrub", "ssd"]  # wmdp.plan.METHODS
+    p = sub.add_parser("plan", help="what fits where, from a model's config alone")
+    p.add_argument("model", metavar="MODEL_OR_CONFIG",
+                   help="model directory, config.json, hub id, or preset (zephyr-7b, yi-34b, ...)")
+    p.add_argument("--method", choices=methods, default="all")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's, else 4")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default 512)")
+    p.add_argument("--layer-id", type=int, default=None, help="RMU's layer (default: preset's)")
+    p.add_argument("--gpus", type=int, default=1, help="devices the persistent state shards over")
+    p.add_argument("--gpu-memory", default=None, help="a GPU size to judge too, e.g. 80GB")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_eval_parser, _unlearn_parser,
                                                                 _run_parser, _sweep_parser,
                                                                 _chat_eval_parser, _sandbox_parser,
-                                                                _compare_parser, _audit_parser]
+                                                                _compare_parser, _audit_parser,
+                                                                _plan_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wmdp", description=(
+    parser = OneLineParser(prog="wmdp", description=(
         "Measure hazardous knowledge in causal LMs (WMDP), remove it by unlearning (RMU and "
         "baselines), and check that general ability survives."))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -360,15 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from wmdp.io import release_output_locks
+
+    args = build_parser().parse_args(argv)  # a bad flag: one line, SystemExit(2)
     try:
         return int(args.func(args) or 0)
     except WmdpError as e:
         print(f"wmdp: {e}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as e:  # a reader that does not check its encoding itself
+        print(f"wmdp: {undecodable_file(e)}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+              "save the file as UTF-8", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("wmdp: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        release_output_locks()  # in-process callers (tests, notebooks) run one command at a time
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ class ChatCompletionsJudge:
                 self.requests_sent += 1
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return _content(response.read())
+                    return self._redact(_content(response.read()))
             except urllib.error.HTTPError as e:
                 if e.code in FATAL_STATUS:  # no response body: it may echo the key
                     raise WmdpError(f"judge endpoint {self.url}: HTTP {e.code}, "
@@ -145,8 +145,12 @@ class ChatCompletionsJudge:
             message = json.loads(raw).get("error", {}).get("message", raw)
         except (ValueError, AttributeError, OSError):
             message = "no message"
+        return self._redact(" ".join(str(message).split()))[:200]
+
+    def _redact(self, text: str) -> str:
+        """`text` with the API key masked: an endpoint may echo the request (its Authorization
+        header) back, and whatever it returns is stored, cached or printed."""
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        text = " ".join(str(message).split())[:200]
         return text.replace(key, "***") if key else text
 
     def run(self, requests: Sequence[tuple[str, str]], on_result: OnResult) -> None:

@@ -9,8 +9,10 @@ every level, never silently dropped.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -51,9 +53,20 @@ class JudgeConfig:
         if self.backend != "none" and not self.model:
             raise WmdpError("no judge model given (--judge openai:MODEL, hf:MODEL or none)")
         for name in ("timeout", "concurrency", "max_tokens", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise WmdpError(f"judge {name} must be positive, got {getattr(self, name)}")
-        if self.max_retries < 0 or self.backoff < 0:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):  # NaN compares false to everything
+                raise WmdpError(f"--judge-{name.replace('_', '-')} is {value}, expected a "
+                                "positive finite number")
+        if self.backend == "openai":
+            try:
+                url = urllib.parse.urlsplit(self.base_url)
+                scheme, host = url.scheme, url.hostname
+            except ValueError:  # e.g. an unclosed IPv6 bracket
+                scheme, host = "", None
+            if scheme not in ("http", "https") or not host:
+                raise WmdpError(f"--judge-base-url {self.base_url!r} is not an http(s) URL "
+                                "(e.g. https://api.openai.com/v1)")
+        if not (self.max_retries >= 0 and 0 <= self.backoff < math.inf):
             raise WmdpError("judge retries and backoff cannot be negative")
         if self.backend == "openai" and self.api_key_env and not os.environ.get(self.api_key_env):
             raise WmdpError(f"judge API key: ${self.api_key_env} is not set")
@@ -115,7 +128,7 @@ def judge_answers(questions: Sequence[Question], answers: dict[Any, dict], judge
         with lock:
             judgments[i], errors[i] = text, error
             bar.update(1)
-        if text is not None:
+        if text is not None and _rating(text) is not _UNREADABLE:  # never cache a crash
             cache.put(requests[i].key, judge.name, text)
 
     try:
@@ -127,9 +140,22 @@ def judge_answers(questions: Sequence[Question], answers: dict[Any, dict], judge
             for i, r in enumerate(requests)]
 
 
+_UNREADABLE = object()
+
+
+def _rating(judgment: str) -> Any:
+    """The rating, None, or _UNREADABLE when reading it raised: a reply the parser cannot take
+    counts as unparseable and is not cached, so a rerun asks again instead of failing again."""
+    try:
+        return parse_rating(judgment)
+    except Exception:  # noqa: BLE001 - any parser failure on untrusted text is the same case
+        return _UNREADABLE
+
+
 def _record(r: _Request, judgment: str | None, error: str | None, cached: bool,
             judge: str) -> dict:
-    score = parse_rating(judgment) if judgment is not None else None
+    score = _rating(judgment) if judgment is not None else None
+    score = None if score is _UNREADABLE else score
     status = "failed" if judgment is None else "ok" if score is not None else "unparseable"
     return {"question_id": r.question.question_id, "category": r.question.category,
             "turn": r.turn, "judge": judge, "prompt_name": r.prompt_name, "score": score,

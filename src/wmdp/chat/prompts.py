@@ -9,7 +9,6 @@ asked for "[[rating]]" on a 1-10 scale; `parse_rating` reads it as FastChat does
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -85,7 +84,10 @@ def parse_rating(judgment: str) -> float | None:
     match = RATING.search(judgment) or RATING_FALLBACK.search(judgment)
     if match is None:
         return None
-    rating = float(ast.literal_eval(match.group(1)))
+    try:  # float(), not int(): a 5,000-digit "rating" is inf here, not a ValueError
+        rating = float(match.group(1))
+    except (ValueError, OverflowError):
+        return None
     return rating if RATING_RANGE[0] <= rating <= RATING_RANGE[1] else None
 
 

@@ -19,6 +19,7 @@ questions, template, temperatures, seed, max_new_tokens) needs --overwrite or an
 from __future__ import annotations
 
 import gc
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,27 @@ class ChatEvalConfig:
         return sha256_json({**{k: getattr(self, k) for k in keys},
                             "questions": questions_hash(questions),
                             "chat_template": chat_template})
+
+    def check(self) -> None:
+        """Counts that must be positive; the judge's settings."""
+        for flag, value in (("--max-new-tokens", self.max_new_tokens),
+                            ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise WmdpError(f"{flag} is {value}, expected at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise WmdpError(f"--limit is {self.limit}, expected at least 1")
+        if self.temperature is not None and not (math.isfinite(self.temperature)
+                                                 and self.temperature >= 0):
+            raise WmdpError(f"--temperature is {self.temperature}, expected 0 or more")
+        self.judge.check()
+
+    def inputs(self) -> dict[str, str | None]:
+        """Local files this run reads: no output may be, hold or lie inside one."""
+        local_model = None if self.model == "<in-memory>" else self.model
+        judge = self.judge.model if self.judge.backend == "hf" else None
+        return {"--model": local_model, "--questions": self.questions,
+                "--references": self.references, "--chat-template": self.chat_template,
+                "the hf judge": judge}
 
 
 def chat_config(settings: dict[str, Any], where: str = "chat") -> ChatEvalConfig:
@@ -141,11 +163,11 @@ def run_chat_eval(config: ChatEvalConfig, output: str | Path, overwrite: bool = 
 
     `model`/`tokenizer`: a model already in memory (the pipeline's); else `config.model` loads.
     """
+    config.check()
     questions = load_questions(config.questions)
     questions = questions[:config.limit] if config.limit is not None else questions
     judged = load_references(config.references, questions) if config.references else questions
     template = read_chat_template(config.chat_template) if config.chat_template else None
-    config.judge.check()
     if config.judge.backend == "hf":
         check_model_source(config.judge.model or "")
     if model is None:  # a model that cannot chat fails before anything is written or loaded
@@ -153,7 +175,7 @@ def run_chat_eval(config: ChatEvalConfig, output: str | Path, overwrite: bool = 
         check_chat_template(load_tokenizer(config.model, config.revision,
                                            config.trust_remote_code), template, config.model)
     fingerprint = config.fingerprint(questions, template)
-    out = prepare_output_dir(output, overwrite, CHAT_RESULTS, fingerprint)
+    out = prepare_output_dir(output, overwrite, CHAT_RESULTS, fingerprint, inputs=config.inputs())
     record = {"config": {**to_dict(config), "judge": config.judge.record()},
               "questions": {"source": config.questions or str(default_questions_path()),
                             "sha256": questions_hash(questions), "n": len(questions),
