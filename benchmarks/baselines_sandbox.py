@@ -17,7 +17,10 @@ compare.json and compare.png to OUTPUT (default benchmarks/results/baselines_san
 The sweep (one knob per method, the rest at the `sandbox` preset): the learning rate of every
 trained method (its strength over the sandbox's fixed number of steps; the ranges bracket where
 each method starts to forget, found by a coarser grid 1e-4..3e-3), RMU at its preset, and SSD's
-selection weighting alpha (the dampening constant lambda at 1, the paper's value).
+selection weighting alpha (the dampening constant lambda at 1, the paper's value). The sandbox
+preset trains every baseline at a constant rate with no weight decay, SCRUB with AdamW (not the
+recipes' schedules, decay and SCRUB's SGD, which the methods' defaults follow): these are the
+settings the sweep's figures in README.md were measured with.
 """
 
 from __future__ import annotations

@@ -7,10 +7,13 @@
     loss = -nll(forget)          # mean over the forget batch's real next tokens
 
 The field's simplest baseline (Jang et al. 2023, "Knowledge Unlearning for Mitigating Privacy
-Risks in Language Models"; TOFU's `grad_ascent`, Maini et al. 2024). Defaults follow TOFU's
-forget config (locuslab/tofu `config/forget.yaml`): AdamW, lr 1e-5, full fine-tuning; its weight
-decay of 0.01 is left out (over 150 steps at lr 1e-5 it moves no weight measurably). The retain
+Risks in Language Models"; TOFU's `grad_ascent`, Maini et al. 2024). Defaults are TOFU's forget
+recipe (locuslab/tofu `config/forget.yaml` and `forget.py`, run by HF's Trainer): AdamW at lr
+1e-5, weight decay 0.01 (not on biases and norm weights, as the Trainer groups them), full
+fine-tuning, and the Trainer's linear schedule: warmup from 0 over the first epoch of TOFU's 5
+(`warmup_ratio` 0.2 of this run's steps), then linear decay to 0 at the last step. The retain
 corpus is not used; unbounded, GA ends in collapse, so the step count is its real knob.
+`--lr-schedule constant --weight-decay 0` gives plain AdamW at a fixed rate (the sandbox preset).
 """
 
 from __future__ import annotations
@@ -20,17 +23,23 @@ from dataclasses import dataclass, field
 import torch
 
 from wmdp.unlearn.batches import Step
-from wmdp.unlearn.lm import LMMethod, mean_nll, presets
+from wmdp.unlearn.lm import LMMethod, check_settings, mean_nll, presets
 
 
 @dataclass
 class GAConfig:
     """Gradient ascent's hyperparameters; defaults are TOFU's."""
 
-    lr: float = 1e-5                  # AdamW learning rate (TOFU: 1e-5)
+    lr: float = 1e-5                  # AdamW peak learning rate (TOFU: 1e-5)
+    weight_decay: float = 0.01        # AdamW's decoupled decay of 2-D tensors (TOFU: 0.01)
+    lr_schedule: str = "linear"       # linear: warmup then decay to 0 (HF's Trainer); constant
+    warmup_ratio: float = 0.2         # share of the steps warming up (TOFU: 1 epoch of 5)
     max_length: int = 512             # tokens per text (longer ones are cut)
     params: str = "all"               # what trains: all, or layers, mlp, mlp_out of layer_ids
     layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "ga")
 
 
 class GradientAscent(LMMethod):
@@ -42,4 +51,6 @@ class GradientAscent(LMMethod):
         return -nll, {"forget_loss": -nll.item(), "forget_nll": nll.item()}
 
 
-PRESETS = presets("ga", zephyr={}, sandbox={"lr": 1.5e-4})
+# sandbox: a constant rate and no decay, the settings its sweep was measured with (lm.py)
+PRESETS = presets("ga", zephyr={}, sandbox={"lr": 1.5e-4, "lr_schedule": "constant",
+                                            "weight_decay": 0.0})

@@ -5,8 +5,9 @@
     loss = -forget_weight * nll(forget) + retain_weight * nll(retain)
 
 Liu et al. 2022 ("Continual Learning and Private Unlearning"), TOFU's `grad_diff` (Maini et
-al. 2024): both weights 1, AdamW at lr 1e-5 (locuslab/tofu `config/forget.yaml`; weight decay
-0.01 left out, as in `ga`). Each step pairs a forget batch with a retain batch of the same topic.
+al. 2024): both weights 1, and TOFU's optimizer recipe as in `ga` (AdamW at lr 1e-5, weight
+decay 0.01, linear warmup over the first 0.2 of the steps then linear decay to 0). Each step
+pairs a forget batch with a retain batch of the same topic.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wmdp.unlearn.batches import Step
-from wmdp.unlearn.lm import LMMethod, mean_nll, presets
+from wmdp.unlearn.lm import LMMethod, check_settings, mean_nll, presets
 
 
 @dataclass
@@ -25,10 +26,16 @@ class GradDiffConfig:
 
     forget_weight: float = 1.0        # weight of the (negated) forget loss
     retain_weight: float = 1.0        # weight of the retain loss (TOFU: 1)
-    lr: float = 1e-5                  # AdamW learning rate (TOFU: 1e-5)
+    lr: float = 1e-5                  # AdamW peak learning rate (TOFU: 1e-5)
+    weight_decay: float = 0.01        # AdamW's decoupled decay of 2-D tensors (TOFU: 0.01)
+    lr_schedule: str = "linear"       # linear: warmup then decay to 0 (HF's Trainer); constant
+    warmup_ratio: float = 0.2         # share of the steps warming up (TOFU: 1 epoch of 5)
     max_length: int = 512             # tokens per text (longer ones are cut)
     params: str = "all"               # what trains: all, or layers, mlp, mlp_out of layer_ids
     layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "graddiff")
 
 
 class GradDiff(LMMethod):
@@ -43,4 +50,6 @@ class GradDiff(LMMethod):
         return self.plus_retain_nll(step, forget_loss, metrics, c.retain_weight)
 
 
-PRESETS = presets("graddiff", zephyr={}, sandbox={"lr": 1e-3})
+# sandbox: a constant rate and no decay, the settings its sweep was measured with (lm.py)
+PRESETS = presets("graddiff", zephyr={}, sandbox={"lr": 1e-3, "lr_schedule": "constant",
+                                                  "weight_decay": 0.0})

@@ -8,12 +8,19 @@ Three terms per step, as the paper's update theta -= e1 grad L_fgt + e2 grad L_r
     random_loss = random_weight * nll(completion | forget prompt)    # mismatched answers
     retain_loss = kl_weight * KL(p_original || p_theta)(retain)      # stay the original
 
-The paper pairs harmful prompts with answers drawn at random from normal data (TruthfulQA) and
-scores only the answer tokens; with corpora instead of prompt-answer pairs, a forget text's first
-`prompt_length` tokens are the prompt and the first `completion_length` tokens of a retain text
-of the same step (a seeded random permutation of the retain batch, a function of seed and step,
-so resume repeats it) the completion. Defaults are the authors' code
-(kevinyaobytedance/llm_unlearn `unlearn_harm.py`): weights 0.5 / 1 / 1, AdamW at lr 2e-6.
+Defaults are the authors' code (kevinyaobytedance/llm_unlearn `unlearn_harm.py`, `utils.py`):
+weights 0.5 / 1 / 1, torch's AdamW at lr 2e-6 with its default weight decay 0.01 (on every
+tensor, biases and norm weights too, as a plain `AdamW(model.parameters())`), and a linear
+decay of the rate to 0 at the last step with no warmup (`get_scheduler("linear")`; the code decays
+over its `max_unlearn_steps`, here the run's steps). Its random term draws K = 5 answers
+(`n_random`) per step and pairs every forget prompt with each of them; so does this one. The
+paper pairs harmful prompts with answers from normal data (TruthfulQA); with corpora instead of
+prompt-answer pairs, a forget text's first `prompt_length` tokens are the prompt, and the K
+completions are the first `completion_length` tokens of K distinct texts of the step's topic's
+retain corpus (drawn with a generator seeded by seed and step, so resume repeats them). As in
+the code, the forget and random terms average each text's mean NLL over texts (each answer
+weighs the same, whatever its length).
+
 Differences, by design: the KL is the true KL averaged over real tokens (the code's
 -sum p_orig log p_theta over every position, padding included, differs by the original model's
 entropy, a constant, and by the padded positions); the code's early stop when the forget loss
@@ -30,8 +37,10 @@ from typing import Any
 
 import torch
 
+from wmdp.errors import WmdpError
 from wmdp.unlearn.batches import Step, left_padded
-from wmdp.unlearn.lm import LMMethod, mean_nll, presets, token_kl
+from wmdp.unlearn.lm import (LMMethod, check_positive, check_settings, next_token_mask, presets,
+                             token_kl, token_logprobs)
 
 
 @dataclass
@@ -41,12 +50,24 @@ class LLMUConfig:
     forget_weight: float = 0.5        # e1: weight of gradient ascent on forget text ("bad_weight")
     random_weight: float = 1.0        # e2: weight of the random-completion NLL
     kl_weight: float = 1.0            # e3: weight of KL to the original model on retain text
+    n_random: int = 5                 # K: random completions per forget prompt (the code's K=5)
     prompt_length: int = 64           # tokens of a forget text used as the prompt
     completion_length: int = 64       # tokens of a retain text used as its random completion
-    lr: float = 2e-6                  # AdamW learning rate (the authors' code: 2e-6)
+    lr: float = 2e-6                  # AdamW peak learning rate (the authors' code: 2e-6)
+    weight_decay: float = 0.01        # AdamW's decoupled decay of 2-D tensors (torch's default)
+    lr_schedule: str = "linear"       # linear: decay to 0 at the last step (the code's); constant
+    warmup_ratio: float = 0.0         # share of the steps warming up (the code's: none)
     max_length: int = 512             # tokens per forget and retain text (longer ones are cut)
     params: str = "all"               # what trains: all, or layers, mlp, mlp_out of layer_ids
     layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "llmu")
+        check_positive(self, "llmu", "forget_weight", "random_weight", "kl_weight", zero=True)
+        for name in ("n_random", "prompt_length", "completion_length"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise WmdpError(f"llmu: {name} is {value!r}, expected a positive whole number")
 
 
 def random_pairs(tokenizer: Any, prompts: list[str], completions: list[str], prompt_length: int,
@@ -64,23 +85,40 @@ def random_pairs(tokenizer: Any, prompts: list[str], completions: list[str], pro
     return inputs, completion[:, 1:].to(device)  # target t+1 is a completion token
 
 
+def mean_text_nll(logits: torch.Tensor, inputs: dict[str, torch.Tensor],
+                  target_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over texts of each text's mean NLL over its real (and `target_mask`) next tokens:
+    the code's per-answer weighting (a text with no target counts as 0, as there)."""
+    mask = next_token_mask(inputs)
+    if target_mask is not None:
+        mask = mask * target_mask
+    per_text = -(token_logprobs(logits, inputs) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return per_text.mean()
+
+
 class LLMU(LMMethod):
     name = "llmu"
     keeps_originals = True
+    decay_1d = True   # the code's plain AdamW decays every tensor
 
     def completions(self, step: Step) -> list[str]:
+        """The step's K random answers: distinct texts of its topic's retain corpus, the same
+        K for every forget prompt of the batch (the code's `random.sample(normal_ans, k=5)`)."""
+        pool = [t for batch in self.schedule.retain[step.topic] for t in batch]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step.idx)
-        order = torch.randperm(len(step.retain), generator=g).tolist()
-        return [step.retain[order[i % len(order)]] for i in range(len(step.forget))]
+        order = torch.randperm(len(pool), generator=g)[:self.config.n_random].tolist()
+        return [pool[i] for i in order]
 
     def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         forget = self.tokenize(step.forget)
-        forget_nll = mean_nll(self.logits(forget), forget)
+        forget_nll = mean_text_nll(self.logits(forget), forget)
 
-        pairs, targets = random_pairs(self.tokenizer, step.forget, self.completions(step),
+        answers = self.completions(step)
+        prompts = [p for p in step.forget for _ in answers]  # every prompt with every answer
+        pairs, targets = random_pairs(self.tokenizer, prompts, answers * len(step.forget),
                                       c.prompt_length, c.completion_length, self.device)
-        random_nll = mean_nll(self.logits(pairs), pairs, targets)
+        random_nll = mean_text_nll(self.logits(pairs), pairs, targets)
 
         retain = self.tokenize(step.retain)
         with self.original():
@@ -96,4 +134,6 @@ class LLMU(LMMethod):
         return sum(terms.values()), metrics
 
 
-PRESETS = presets("llmu", zephyr={}, sandbox={"lr": 1e-3})
+# sandbox: a constant rate and no decay, the settings its sweep was measured with (lm.py)
+PRESETS = presets("llmu", zephyr={}, sandbox={"lr": 1e-3, "lr_schedule": "constant",
+                                              "weight_decay": 0.0})

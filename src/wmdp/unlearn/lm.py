@@ -18,11 +18,18 @@ output projections of `layer_ids`, RMU's choice). Memory: full fine-tuning with 
 gradients and two moments of every parameter; LLMU and SCRUB also keep a copy of the trained
 tensors' original values (for `all`, a second copy of the model on the same device; no second
 model object or forward graph). `layers`/`mlp_out` shrink both to the chosen blocks.
+
+The optimizer (`make_optimizer`) is torch's AdamW with the config's `weight_decay` (not on 1-D
+tensors, as HF's Trainer groups them, unless the method sets `decay_1d`) under its
+`lr_schedule`: `linear` (HF's linear warmup over `warmup_ratio` of the steps, then decay to 0)
+or `constant`. Each config checks its own values when built (`check_settings`), so a bad one is
+a one-line error before any model loads.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -32,9 +39,9 @@ from torch import nn
 
 from wmdp.errors import WmdpError
 from wmdp.layers import swapped
-from wmdp.models import TrainedTensor, input_device, train_only
+from wmdp.models import PARAM_ROLES, TrainedTensor, input_device, train_only
 from wmdp.unlearn.batches import TopicBatches, tokenize, training_tokenizer
-from wmdp.unlearn.optim import torch_adamw
+from wmdp.unlearn.optim import LinearWarmupDecay, torch_adamw
 from wmdp.unlearn.rmu import PRESETS as RMU_PRESETS
 
 
@@ -88,6 +95,7 @@ class LMMethod:
 
     name = ""
     keeps_originals = False   # LLMU, SCRUB: outputs of the original model, by swapping values
+    decay_1d = False          # weight decay on biases and norm weights too (not HF's Trainer)
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -131,9 +139,20 @@ class LMMethod:
             yield
 
     def make_optimizer(self) -> Any:
-        """AdamW on the trained tensors (the baselines' papers' optimizer and its default eps
-        1e-8, as HF's Trainer uses), no weight decay."""
-        return torch_adamw(self.tensors, self.config.lr)
+        """AdamW on the trained tensors (the baselines' papers' optimizer, eps 1e-8 as in HF's
+        Trainer and torch), with the config's weight decay and learning-rate schedule."""
+        c = self.config
+        return self.scheduled(torch_adamw(self.tensors, c.lr, weight_decay=c.weight_decay,
+                                          decay_1d=self.decay_1d))
+
+    def scheduled(self, optimizer: Any) -> Any:
+        """`optimizer` under the config's `lr_schedule` over this run's steps."""
+        c = self.config
+        if getattr(c, "lr_schedule", "constant") == "constant":
+            return optimizer
+        total = len(self.schedule)
+        warmup = math.ceil(c.warmup_ratio * total - 1e-9)  # HF: ceil(warmup_ratio * steps)
+        return LinearWarmupDecay(optimizer, total, warmup)
 
     def state_dict(self) -> dict:
         return {}
@@ -142,13 +161,51 @@ class LMMethod:
         pass
 
 
+# -- settings every trained baseline shares ------------------------------------------------------
+SCHEDULES = ("constant", "linear")
+
+
+def check_settings(c: Any, method: str) -> None:
+    """One-line errors for the shared settings (each config's `__post_init__` calls this), so a
+    bad value stops the command before anything is loaded or written."""
+    def bad(name: str, expected: str) -> WmdpError:
+        return WmdpError(f"{method}: {name} is {getattr(c, name)!r}, expected {expected}")
+
+    if c.params not in PARAM_ROLES:  # as select_tensors says it, before the model loads
+        raise WmdpError(f"params {c.params!r} is not one of {', '.join(PARAM_ROLES)}")
+    if c.params == "all" and c.layer_ids:
+        raise WmdpError(f"layer_ids {c.layer_ids} given with params=all; use params=layers, "
+                        "mlp or mlp_out to train only those blocks")
+    if hasattr(c, "lr") and not (math.isfinite(c.lr) and c.lr > 0):
+        raise bad("lr", "a positive learning rate")
+    if not (isinstance(c.max_length, int) and c.max_length >= 2):
+        raise bad("max_length", "at least 2 tokens (one to predict from, one to predict)")
+    if hasattr(c, "weight_decay") and not (math.isfinite(c.weight_decay) and c.weight_decay >= 0):
+        raise bad("weight_decay", "a number >= 0")
+    if hasattr(c, "lr_schedule") and c.lr_schedule not in SCHEDULES:
+        raise bad("lr_schedule", " or ".join(SCHEDULES))
+    if hasattr(c, "warmup_ratio") and not 0 <= c.warmup_ratio <= 1:
+        raise bad("warmup_ratio", "a fraction of the run's steps, 0 to 1")
+
+
+def check_positive(c: Any, method: str, *names: str, zero: bool = False) -> None:
+    """Each named setting is a finite number > 0 (>= 0 with `zero`)."""
+    for name in names:
+        value = getattr(c, name)
+        if not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+            expected = "a number >= 0" if zero else "a positive number"
+            raise WmdpError(f"{method}: {name} is {value!r}, expected {expected}")
+
+
 # -- presets every baseline shares --------------------------------------------------------------
 # zephyr-7b: the WMDP paper's setup (its RMU run: the WMDP forget corpora, wikitext retain text,
 # batches of 4, 150 steps, bf16) with the method's own published defaults, not the paper's tuned
-# baseline values (its appendix's settings could not be retrieved here; SCRUB's lr is lowered).
+# baseline values (its appendix's settings could not be retrieved here; SCRUB trains with
+# AdamW at lr 1e-5, see scrub.py).
 # sandbox: the offline sandbox (model and corpora given on the command line); the method's value
 # is the point of benchmarks/baselines_sandbox.py's sweep with the largest general - forget
-# accuracy on the default sandbox (seed 0).
+# accuracy on the default sandbox (seed 0), and its trained methods keep a constant rate and no
+# weight decay (`lr_schedule: constant`, `weight_decay: 0`), the settings that sweep measured.
 ZEPHYR_7B_CONFIG = RMU_PRESETS["zephyr-7b"]["config"]
 SANDBOX_CONFIG = {"batch_size": 4, "max_num_batches": 150, "seed": 42}
 
@@ -160,4 +217,4 @@ def presets(method: str, zephyr: dict[str, Any], sandbox: dict[str, Any]) -> dic
 
 
 __all__ = ["next_token_mask", "token_logprobs", "mean_nll", "sequence_logprob", "token_kl",
-           "LMMethod", "presets"]
+           "LMMethod", "presets", "check_settings", "check_positive"]

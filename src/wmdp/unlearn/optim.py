@@ -8,11 +8,16 @@ eps = 1e-6, so the two rules give different models; the faithful presets use thi
 
 It trains `TrainedTensor`s: whole parameters or slices of one (Mixtral's fused experts), with
 state the shape of the slice. State is kept in the parameter's dtype, as the reference's was.
+
+The baselines' optimizers are torch's: `torch_adamw` (TOFU, NPO, LLMU: HF's Trainer or a plain
+`torch.optim.AdamW`) and `torch_sgd` (SCRUB's code: SGD with momentum), optionally under
+`LinearWarmupDecay`, the learning-rate schedule of HF's Trainer (TOFU, NPO) and of LLMU's code.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -20,12 +25,71 @@ from wmdp.errors import WmdpError
 from wmdp.models import TrainedTensor
 
 
-def torch_adamw(tensors: list[TrainedTensor], lr: float, eps: float = 1e-8) -> torch.optim.AdamW:
-    """`torch.optim.AdamW` (no weight decay) on whole tensors; it cannot train a slice of one."""
+def _param_groups(tensors: list[TrainedTensor], what: str, weight_decay: float,
+                  decay_1d: bool) -> list[dict[str, Any]]:
+    """Whole tensors (torch's optimizers cannot train a slice of one), all decayed (`decay_1d`,
+    as a plain torch optimizer on `model.parameters()`) or all but the 1-D ones, biases and norm
+    weights (as HF's Trainer groups them)."""
     if any(t.index is not None for t in tensors):
-        raise WmdpError("torch's AdamW cannot train a slice of a fused expert tensor (Mixtral's "
+        raise WmdpError(f"torch's {what} cannot train a slice of a fused expert tensor (Mixtral's "
                         "expert 0): use RMU's legacy_adamw, or params=layers")
-    return torch.optim.AdamW([t.param for t in tensors], lr=lr, eps=eps, weight_decay=0.0)
+    decay = [t.param for t in tensors if decay_1d or t.param.dim() >= 2]
+    rest = [t.param for t in tensors if not (decay_1d or t.param.dim() >= 2)]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": rest, "weight_decay": 0.0}) if g["params"]]
+
+
+def torch_adamw(tensors: list[TrainedTensor], lr: float, eps: float = 1e-8,
+                weight_decay: float = 0.0, decay_1d: bool = False) -> torch.optim.AdamW:
+    """`torch.optim.AdamW`: decoupled weight decay, p *= 1 - lr * weight_decay, each step."""
+    return torch.optim.AdamW(_param_groups(tensors, "AdamW", weight_decay, decay_1d), lr=lr,
+                             eps=eps)
+
+
+def torch_sgd(tensors: list[TrainedTensor], lr: float, momentum: float,
+              weight_decay: float = 0.0, decay_1d: bool = True) -> torch.optim.SGD:
+    """`torch.optim.SGD` with momentum; weight decay as L2 (g += weight_decay * p), as torch's."""
+    return torch.optim.SGD(_param_groups(tensors, "SGD", weight_decay, decay_1d), lr=lr,
+                           momentum=momentum)
+
+
+class LinearWarmupDecay:
+    """An optimizer whose learning rate follows HF's `get_linear_schedule_with_warmup`: the
+    optimizer step k of n (from 0) uses lr * k / w for k < w, then lr * (n - k) / (n - w).
+
+    TOFU and NPO run it through HF's Trainer (w: one epoch of their 5 and 10), LLMU's code with
+    w = 0. As there, the first step of a warmup has rate 0 (it only fills Adam's moments).
+    The loop steps this object as it steps any optimizer; its state (the step count with the
+    optimizer's) goes into checkpoints, so a resumed run continues the same schedule.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int,
+                 warmup_steps: int) -> None:
+        self.optimizer = optimizer
+        self.total, self.warmup = total_steps, warmup_steps
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.step_count = 0
+
+    def factor(self, k: int) -> float:
+        if k < self.warmup:
+            return k / max(1, self.warmup)
+        return max(0.0, (self.total - k) / max(1, self.total - self.warmup))
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr * self.factor(self.step_count)
+        self.optimizer.step()
+        self.step_count += 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class LegacyAdamW:

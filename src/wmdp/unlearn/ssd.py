@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wmdp.errors import WmdpError
-from wmdp.unlearn.lm import LMMethod, mean_nll, presets
+from wmdp.unlearn.lm import LMMethod, check_positive, check_settings, mean_nll, presets
 
 
 @dataclass
@@ -43,6 +43,12 @@ class SSDConfig:
     max_length: int = 512             # tokens per text (longer ones are cut)
     params: str = "all"               # what can be dampened: all, or layers, mlp, mlp_out
     layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out (empty: all)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "ssd")
+        check_positive(self, "ssd", "alpha", "dampening")
+        if self.original not in ("retain", "full"):
+            raise WmdpError(f"original {self.original!r} is not 'retain' or 'full'")
 
 
 class SSD(LMMethod):
@@ -68,8 +74,6 @@ class SSD(LMMethod):
 
     def apply(self, progress: bool = False) -> dict[str, Any]:
         c = self.config
-        if c.original not in ("retain", "full"):
-            raise WmdpError(f"original {c.original!r} is not 'retain' or 'full'")
         steps = [self.schedule[i] for i in range(self.schedule.num_batches)]  # one epoch
         forget = [s.forget for s in steps]
         retain = [s.retain for s in steps]
