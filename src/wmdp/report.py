@@ -2,142 +2,101 @@
 
     write_report(Path("runs/sandbox"))   # -> report.md, report.html, plots/*.png, unlearned/README.md
 
-Reads only what the stages recorded: `eval_base/results.json`, `eval_unlearned/results.json`,
-`unlearned/unlearn_config.json` and `metrics.jsonl`, `audit/audit.json`, `chat_*/chat_results.json`.
-Every number shown comes from those files (a difference of two at most). The same blocks render
-to Markdown and to one self-contained HTML file (plots inlined).
+Reads only what the stages recorded: `run.json`, `eval_base/results.json`,
+`eval_unlearned/results.json`, `unlearned/unlearn_config.json` and `metrics.jsonl`,
+`audit/audit.json`, `chat_*/chat_results.json`. Every number shown comes from those files, or is
+a change between two of them (accuracy in points, perplexity relative). Needs no torch: rerun it
+on a finished run directory to re-render. The same blocks render to Markdown and to one
+self-contained HTML file (plots inlined), see `report_render`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wmdp.compare import Row, columns, leaves
 from wmdp.io import atomic_write_text, read_json
+from wmdp.report_render import Doc, Flagged
+from wmdp.report_plots import accuracy_charts, metrics as _metrics, training_curves
 
 PPL_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
+ACC_DROP = 2.0   # points: a general (non-forget) accuracy falling more than this is flagged
+PPL_RISE = 0.05  # relative: a perplexity rising more than 5% is flagged
+THRESHOLDS = (f"⚠ marks a change beyond the report's thresholds: a general (non-forget) "
+              f"accuracy falling more than {ACC_DROP:.1f} points, or a perplexity rising more "
+              f"than {100 * PPL_RISE:.0f}%.")
 
 
 def pct(x: float | None) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def delta(a: float | None, b: float | None) -> str:
-    return "" if a is None or b is None else f"{100 * (b - a):+.1f}"
-
-
 def num(x: float | None) -> str:
     return "" if x is None else f"{x:.3f}"
 
 
-@dataclass
-class Doc:
-    """Blocks of a report: (kind, payload); rendered to Markdown and HTML alike."""
-
-    title: str
-    blocks: list[tuple[str, Any]] = field(default_factory=list)
-
-    def h(self, text: str) -> None:
-        self.blocks.append(("h2", text))
-
-    def p(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def table(self, header: list[str], rows: list[list[str]]) -> None:
-        self.blocks.append(("table", (header, rows)))
-
-    def img(self, path: Path, caption: str) -> None:
-        self.blocks.append(("img", (path, caption)))
-
-    def pre(self, text: str) -> None:
-        self.blocks.append(("pre", text))
-
-    def markdown(self, root: Path) -> str:
-        out = [f"# {self.title}", ""]
-        for kind, x in self.blocks:
-            if kind == "h2":
-                out += [f"## {x}", ""]
-            elif kind == "p":
-                out += [x, ""]
-            elif kind == "table":
-                header, rows = x
-                out.append("| " + " | ".join(header) + " |")
-                out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-                out += ["| " + " | ".join(r) + " |" for r in rows]
-                out.append("")
-            elif kind == "img":
-                path, caption = x
-                out += [f"![{caption}]({path.relative_to(root).as_posix()})", ""]
-            elif kind == "pre":
-                out += ["```", x, "```", ""]
-        return "\n".join(out)
-
-    def html(self) -> str:
-        e = html.escape
-        body = [f"<h1>{e(self.title)}</h1>"]
-        for kind, x in self.blocks:
-            if kind == "h2":
-                body.append(f"<h2>{e(x)}</h2>")
-            elif kind == "p":  # `code` spans, as Markdown shows them
-                body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", e(x)) + "</p>")
-            elif kind == "table":
-                header, rows = x
-                cell = lambda c: f'<td class="n">{e(c)}</td>' if _numeric(c) else f"<td>{e(c)}</td>"  # noqa: E731
-                body.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header)
-                            + "</tr></thead><tbody>" + "".join(
-                                "<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in rows)
-                            + "</tbody></table>")
-            elif kind == "img":
-                path, caption = x
-                data = base64.b64encode(path.read_bytes()).decode()
-                body.append(f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
-                            f"<figcaption>{e(caption)}</figcaption></figure>")
-            elif kind == "pre":
-                body.append(f"<pre>{e(x)}</pre>")
-        style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;"
-                 "padding:0 1em;color:#222}table{border-collapse:collapse;margin:1em 0;"
-                 "display:block;overflow-x:auto;max-width:100%}"
-                 "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-                 "td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}"
-                 "img{max-width:100%}figcaption{color:#555;font-size:90%}"
-                 "pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
-        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<title>{e(self.title)}</title><style>{style}</style></head><body>\n"
-                + "\n".join(body) + "\n</body></html>\n")
+def acc_change(a: float | None, b: float | None, general: bool) -> str:
+    """Unlearned minus base in points; flagged when a general task loses more than ACC_DROP."""
+    if a is None or b is None:
+        return ""
+    points = 100 * (b - a)
+    text = f"{points:+.1f}"
+    return Flagged(text) if general and points < -ACC_DROP else text
 
 
-def _numeric(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _short(model: str) -> str:
-    """A local path's last two parts (the rest is in run.json); a hub id as it is."""
-    p = Path(model)
-    return "/".join(p.parts[-2:]) if p.is_absolute() else model
+def ppl_change(a: float | None, b: float | None, metric: str = "word_perplexity") -> str:
+    """The relative change; a perplexity rising more than PPL_RISE is flagged."""
+    if a is None or b is None or not a:
+        return ""
+    rel = b / a - 1
+    text = f"{100 * rel:+.1f}%"
+    return Flagged(text) if metric.endswith("perplexity") and rel > PPL_RISE else text
 
 
 def _load(path: Path) -> Any:
     return read_json(path) if path.is_file() else None
 
 
-def _metrics(results: dict | None, name: str) -> dict:
-    if not results:
-        return {}
-    return results.get("results", {}).get(name) or results.get("groups", {}).get(name) or {}
-
-
 def _names(results: dict) -> list[str]:
     return list(results.get("groups", {})) + list(results.get("results", {}))
+
+
+def model_name(run_dir: Path, model: str) -> str:
+    """What the model is: the sandbox's preset and seed, a hub id, or a local directory's last
+    two parts; never the sandbox cache's hashed directory name."""
+    manifest = _load(Path(model).parent / "build.json") if Path(model).is_absolute() else None
+    if manifest is None and not (_load(run_dir / "run.json") or {}).get("config", {}).get("model"):
+        manifest = ((_load(run_dir / "run.json") or {}).get("config") or {}).get("sandbox")
+    if isinstance(manifest, dict):
+        cfg = {**manifest.get("config", {}), **manifest}
+        if "preset" in cfg and "seed" in cfg:
+            return f"the sandbox model ({cfg['preset']} preset, seed {cfg['seed']})"
+    p = Path(model)
+    return "/".join(p.parts[-2:]) if p.is_absolute() else model
+
+
+class Tasks:
+    """The tasks both results files hold: MCQ and perplexity, their groups and sides."""
+
+    def __init__(self, base: dict | None, unl: dict | None, forget: list[str]) -> None:
+        a, b = base or unl or {}, unl or base or {}
+        names = [n for n in _names(a) if n in _names(b)]
+        self.mcq = [n for n in names if "acc" in _metrics(a, n)]
+        self.ppl = [n for n in names if "word_perplexity" in _metrics(a, n)]
+        self.groups = {g: list(e.get("members", [])) for g, e in a.get("groups", {}).items()}
+        self.formats = {t: e.get("format") for t, e in a.get("results", {}).items()}
+        forget_set = set(forget)
+        # general: neither the task nor anything inside it is a forget task
+        self.general = {n for n in self.mcq if n not in forget_set
+                        and not forget_set & set(leaves(n, self.groups))}
+        rows = [Row(label, label, "", {"groups": {}, **r}, "") for label, r in
+                (("base", base), ("unlearned", unl)) if r]
+        self.cols = columns(rows, tuple(forget)) if rows else {}
+
+    def fmt(self, name: str) -> frozenset:
+        return frozenset(self.formats.get(t) for t in leaves(name, self.groups))
 
 
 def write_report(run_dir: Path, forget: list[str] | None = None, near: list[str] | None = None,
@@ -152,29 +111,17 @@ def write_report(run_dir: Path, forget: list[str] | None = None, near: list[str]
     plots.mkdir(exist_ok=True)
     method = record.get("method", "unlearned")
     model = record.get("config", {}).get("model") or (base or {}).get("config", {}).get("model", "?")
-    doc = Doc(title or f"Unlearning report: {method} on {_short(model)}")
-    names = [n for n in _names(base or unl or {}) if n in _names(unl or base or {})]
-    mcq = [n for n in names if "acc" in _metrics(base or unl, n)]
-    ppl = [n for n in names if "word_perplexity" in _metrics(base or unl, n)]
-    forget = [n for n in (forget or []) if n in mcq]
-    near = [n for n in (near or []) if n in mcq]
-    general = [n for n in mcq if n not in forget]
+    name = model_name(run_dir, model)
+    doc = Doc(title or f"Unlearning report: {method} on {name}")
+    tasks = Tasks(base, unl, list(forget or []))
+    forget = [n for n in (forget or []) if n in tasks.mcq]
+    near = [n for n in (near or []) if n in tasks.mcq]
 
-    doc.p(f"Model `{model}`, unlearned with `{method}`. Accuracy in percent (lm-eval's acc, "
-          "0-shot); Δ is unlearned minus base. Lower is better on forget tasks, higher on the rest.")
+    doc.p(f"Model: {name}, `{model}`, unlearned with `{method}`. Accuracy in percent (lm-eval's "
+          "acc, 0-shot). Lower is better on forget tasks, higher on the rest. Δ is unlearned "
+          "minus base: accuracy in points, perplexity as a relative change. " + THRESHOLDS)
     doc.h("Main results")
-    # the paper's columns: each forget task, then the general groups (MMLU), else general tasks
-    groups = [n for n in general if n in (base or unl or {}).get("groups", {})]
-    main_cols = [n for n in main if n in mcq] if main else \
-        forget + (groups or [n for n in general if n not in near])
-    header = ["model"] + main_cols + [f"{n} (word ppl)" for n in ppl]
-    rows = []
-    for label, res in (("base", base), (f"{method}", unl)):
-        rows.append([label] + [pct(_metrics(res, n).get("acc")) for n in main_cols]
-                    + [num(_metrics(res, n).get("word_perplexity")) for n in ppl])
-    rows.append(["Δ"] + [delta(_metrics(base, n).get("acc"), _metrics(unl, n).get("acc"))
-                         for n in main_cols] + ["" for _ in ppl])
-    doc.table(header, rows)
+    _main_tables(doc, tasks, base, unl, method, forget, near, main)
     _chat_rows(doc, run_dir)
     if near:
         doc.h("Related subjects (collateral damage)")
@@ -182,131 +129,134 @@ def write_report(run_dir: Path, forget: list[str] | None = None, near: list[str]
               "unlearning removed the hazard or the whole subject.")
         doc.table(["task", "base", method, "Δ"],
                   [[n, pct(_metrics(base, n).get("acc")), pct(_metrics(unl, n).get("acc")),
-                    delta(_metrics(base, n).get("acc"), _metrics(unl, n).get("acc"))] for n in near])
+                    _change(base, unl, n, tasks)] for n in near])
+    _every_task(doc, tasks, base, unl, method)
+    doc.h("Figures")
+    if base and unl:
+        for path, caption in accuracy_charts(plots, tasks, base, unl, method):
+            doc.img(path, caption)
+    for path, caption in training_curves(run_dir / "unlearned" / "metrics.jsonl", plots):
+        doc.img(path, caption)
+    if audit:
+        _audit_section(doc, run_dir, audit)
+    card = model_card(record, base, unl, forget, [n for n in tasks.mcq if n not in forget],
+                      audit, name)
+    if (run_dir / "unlearned").is_dir():
+        atomic_write_text(run_dir / "unlearned" / "README.md", card)
+    doc.h("Model card")
+    doc.p("Also written to `unlearned/README.md`.")
+    doc.md(card)
+    atomic_write_text(run_dir / "report.md", doc.markdown(run_dir))
+    atomic_write_text(run_dir / "report.html", doc.html())
+    return run_dir / "report.md"
+
+
+def _change(base: dict | None, unl: dict | None, n: str, tasks: Tasks) -> str:
+    return acc_change(_metrics(base, n).get("acc"), _metrics(unl, n).get("acc"), n in tasks.general)
+
+
+def _main_tables(doc: Doc, tasks: Tasks, base: dict | None, unl: dict | None, method: str,
+                 forget: list[str], near: list[str], main: list[str] | None) -> None:
+    """The paper's table (forget tasks, general ability; base, unlearned, change) whole, and
+    the secondary columns (other prompt formats, perplexity) in a second table."""
+    general_tops = [n for n in tasks.cols.get("top_general", []) if n in tasks.groups]
+    cols = [n for n in main if n in tasks.mcq] if main else \
+        forget + (general_tops or [n for n in tasks.general if n not in near])
+    primary = tasks.fmt(cols[0]) if cols else frozenset()
+    paper = [n for n in cols if tasks.fmt(n) == primary]
+    other = [n for n in cols if n not in paper]
+    doc.table(["model"] + paper, [["base"] + [pct(_metrics(base, n).get("acc")) for n in paper],
+                                  [method] + [pct(_metrics(unl, n).get("acc")) for n in paper],
+                                  ["Δ"] + [_change(base, unl, n, tasks) for n in paper]],
+              main=True)
+    if not (other or tasks.ppl):
+        return
+    fmts = ", ".join(sorted(str(f) for n in other for f in tasks.fmt(n)))
+    doc.p("Secondary columns: " + (f"accuracy in another prompt format ({fmts}); " if other else "")
+          + ("word perplexity, lower is better, its change relative." if tasks.ppl else ""))
+    header = ["model"] + other + [f"{n} (word perplexity)" for n in tasks.ppl]
+    cell = {"base": base, method: unl}
+    body = [[label] + [pct(_metrics(r, n).get("acc")) for n in other]
+            + [num(_metrics(r, n).get("word_perplexity")) for n in tasks.ppl]
+            for label, r in cell.items()]
+    body.append(["Δ"] + [_change(base, unl, n, tasks) for n in other]
+                + [ppl_change(_metrics(base, n).get("word_perplexity"),
+                              _metrics(unl, n).get("word_perplexity")) for n in tasks.ppl])
+    doc.table(header, body)
+
+
+def _every_task(doc: Doc, tasks: Tasks, base: dict | None, unl: dict | None, method: str) -> None:
     doc.h("Every task")
     doc.table(["task", "n", "base acc", "± se", f"{method} acc", "± se", "Δ",
                "base acc_norm", f"{method} acc_norm"],
               [[n, str(_metrics(base or unl, n).get("n", "")),
                 pct(_metrics(base, n).get("acc")), pct(_metrics(base, n).get("acc_stderr")),
                 pct(_metrics(unl, n).get("acc")), pct(_metrics(unl, n).get("acc_stderr")),
-                delta(_metrics(base, n).get("acc"), _metrics(unl, n).get("acc")),
+                _change(base, unl, n, tasks),
                 pct(_metrics(base, n).get("acc_norm")), pct(_metrics(unl, n).get("acc_norm"))]
-               for n in mcq])
-    if ppl:
+               for n in tasks.mcq])
+    if tasks.ppl:
         doc.h("Perplexity")
-        doc.table(["task", "n", "model"] + list(PPL_METRICS),
-                  [[n, str(_metrics(res, n).get("n", "")), label]
-                   + [num(_metrics(res, n).get(m)) for m in PPL_METRICS]
-                   for n in ppl for label, res in (("base", base), (method, unl))])
-    _plots(doc, run_dir, plots, base, unl, mcq, method)
-    if audit:
-        _audit_section(doc, run_dir, audit)
-    card = model_card(record, base, unl, forget, general, audit)
-    if (run_dir / "unlearned").is_dir():
-        atomic_write_text(run_dir / "unlearned" / "README.md", card)
-    doc.h("Model card")
-    doc.pre(card)
-    md = doc.markdown(run_dir)
-    atomic_write_text(run_dir / "report.md", md)
-    atomic_write_text(run_dir / "report.html", doc.html())
-    return run_dir / "report.md"
+        rows = []
+        for n in tasks.ppl:
+            rows += [[n, str(_metrics(res, n).get("n", "")), label]
+                     + [num(_metrics(res, n).get(m)) for m in PPL_METRICS]
+                     for label, res in (("base", base), (method, unl))]
+            rows.append([n, "", "Δ (relative)"] + [
+                ppl_change(_metrics(base, n).get(m), _metrics(unl, n).get(m), m)
+                for m in PPL_METRICS])
+        doc.table(["task", "n", "model"] + list(PPL_METRICS), rows)
 
 
 def _chat_rows(doc: Doc, run_dir: Path) -> None:
+    scores: dict[str, float] = {}
     rows = []
     for label in ("base", "unlearned"):
         res = _load(run_dir / f"chat_{label}" / "chat_results.json")
         if res and res.get("score") is not None:
+            scores[label] = res["score"]
             rows.append([label, num(res["score"]), str(res.get("failed", "")),
                          str(res.get("unparseable", ""))])
+    if len(scores) == 2:
+        rows.append(["Δ", f"{scores['unlearned'] - scores['base']:+.3f}", "", ""])
     if rows:
         doc.p("Judged chat (MT-Bench-style, 1-10):")
         doc.table(["model", "score", "failed judgments", "unparseable judgments"], rows)
 
 
-def _plots(doc: Doc, run_dir: Path, plots: Path, base: dict | None, unl: dict | None,
-           tasks: list[str], method: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    doc.h("Figures")
-    if tasks and base and unl:
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(tasks)), 3.6))
-        xs = range(len(tasks))
-        for k, (label, res, color) in enumerate((("base", base, "#888"), (method, unl, "#c33"))):
-            accs = [100 * (_metrics(res, n).get("acc") or 0) for n in tasks]
-            errs = [100 * (_metrics(res, n).get("acc_stderr") or 0) for n in tasks]
-            ax.bar([x + (k - 0.5) * 0.38 for x in xs], accs, 0.38, yerr=errs, label=label,
-                   color=color, capsize=2)
-        ax.set_xticks(list(xs), tasks, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("accuracy (%)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(plots / "accuracy.png", dpi=110)
-        plt.close(fig)
-        doc.img(plots / "accuracy.png", "Accuracy per task before and after unlearning (± stderr)")
-    metrics_file = run_dir / "unlearned" / "metrics.jsonl"
-    if metrics_file.is_file():
-        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
-        _curves(plt, rows, ("forget_loss", "retain_loss"), plots / "losses.png", "loss (log)", True)
-        if (plots / "losses.png").is_file():
-            doc.img(plots / "losses.png", "Forget and retain loss per step")
-        _curves(plt, rows, ("forget_norm", "retain_norm", "forget_norm_frozen"),
-                plots / "activation_norms.png", "mean |h| at the steered layer", False)
-        if (plots / "activation_norms.png").is_file():
-            doc.img(plots / "activation_norms.png",
-                    "Activation norms at the steered layer per step (forget text is pushed "
-                    "towards the control vector's norm; retain text should stay put)")
-
-
-def _curves(plt: Any, rows: list[dict], keys: tuple[str, ...], path: Path, ylabel: str,
-            log: bool) -> None:
-    present = [k for k in keys if any(k in r for r in rows)]
-    if not present:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for k in present:
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 40 else None)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def verdict_text(attack: str, text: str) -> str:
+    """A verdict without a leading "attack: " (the report names the attack once itself)."""
+    return text[len(attack) + 2:] if text.startswith(f"{attack}: ") else text
 
 
 def _audit_section(doc: Doc, run_dir: Path, audit: dict) -> None:
     doc.h("Robustness audit")
     verdicts = audit.get("verdicts") or {}
     if verdicts:
-        doc.table(["attack", "verdict"], [[k, str(v)] for k, v in verdicts.items()])
+        doc.table(["attack", "verdict"], [[k, verdict_text(k, str(v))] for k, v in verdicts.items()])
     for png in sorted((run_dir / "audit").glob("*.png")):
         doc.img(png, f"audit: {png.stem.replace('_', ' ')}")
 
 
 def model_card(record: dict, base: dict | None, unl: dict | None, forget: list[str],
-               general: list[str], audit: dict | None) -> str:
+               general: list[str], audit: dict | None, name: str | None = None) -> str:
     """A model card for the unlearned model: what was removed, how, what was measured, limits."""
     cfg = record.get("config", {})
     hp = record.get("hparams", {})
-    lines = [f"# Unlearned model: {record.get('method', '?')} on {cfg.get('model', '?')}", "",
+    corpora = record.get("corpora", {})
+    lines = [f"# Unlearned model: {record.get('method', '?')} on {name or cfg.get('model', '?')}",
+             "", f"Base model: `{cfg.get('model', '?')}`.", "",
              "## What was removed",
              "Knowledge represented by the forget corpora: "
-             + ", ".join(f"`{c['source']}` ({c['n']} texts)"
-                         for c in record.get("corpora", {}).get("forget", [])) + ".",
-             "Retain corpora: " + ", ".join(f"`{c['source']}` ({c['n']} texts)"
-                                          for c in record.get("corpora", {}).get("retain", [])) + ".",
-             "", "## How",
+             + ", ".join(f"`{c['source']}` ({c['n']} texts)" for c in corpora.get("forget", []))
+             + ". Retain corpora: "
+             + ", ".join(f"`{c['source']}` ({c['n']} texts)" for c in corpora.get("retain", []))
+             + ".", "", "## How",
              f"Method `{record.get('method', '?')}`, {record.get('num_steps', '?')} steps, seed "
              f"{cfg.get('seed', '?')}, batch size {cfg.get('batch_size', '?')}. Hyperparameters: "
-             + ", ".join(f"{k}={v}" for k, v in hp.items()) + ".",
-             "Trained tensors: " + ", ".join(record.get("trained_tensors", [])) + ".",
-             "", "## What was measured (accuracy %, base -> unlearned)"]
+             + ", ".join(f"{k}={v}" for k, v in hp.items()) + ".", "",
+             f"Trained tensors ({len(record.get('trained_tensors', []))}): " + ", ".join(f"`{t}`" for t in record.get("trained_tensors", []))
+             + ".", "", "## What was measured (accuracy %, base -> unlearned)"]
     for n in forget + general:
         a, b = _metrics(base, n).get("acc"), _metrics(unl, n).get("acc")
         if a is not None and b is not None:
@@ -315,6 +265,10 @@ def model_card(record: dict, base: dict | None, unl: dict | None, forget: list[s
               "- Accuracy near chance on multiple choice does not prove the knowledge is gone: "
               "see the robustness audit (probes, relearning, adversarial suffixes)."]
     for k, v in ((audit or {}).get("verdicts") or {}).items():
-        lines.append(f"- {k}: {v}")
+        lines.append(f"- {k}: {verdict_text(k, str(v))}")
     lines.append("- Unlearning was checked only on the tasks listed above.")
     return "\n".join(lines) + "\n"
+
+
+__all__ = ["write_report", "model_card", "model_name", "acc_change", "ppl_change", "verdict_text",
+           "ACC_DROP", "PPL_RISE"]
