@@ -20,7 +20,8 @@ from wmdp.audit.common import (AuditContext, Subject, recovered_fraction, resolv
 from wmdp.audit.fewshot import FewshotConfig, run_fewshot
 from wmdp.audit.gcg import (GCGConfig, encode_questions, objective_gradient, objectives,
                             optimise_suffix, retokenizing)
-from wmdp.audit.probe import ProbeConfig, cross_validated, run_probe
+from wmdp.audit.probe import (ProbeConfig, cross_validated, nested_cross_validated,
+                              run_probe)
 from wmdp.audit.relearn import RelearnConfig, relearn_curve, run_relearn, select_texts
 from wmdp.audit.run import AuditConfig, audit_config, reference_accuracy, run_audit
 from wmdp.cli import main
@@ -149,8 +150,56 @@ def test_content_probe_finds_the_sandbox_facts():
     out = run_probe(ctx, ProbeConfig(control_shuffles=2))
     pooled = out["pooled"]["content"]
     best = pooled["base"]["best_acc"]
-    lo, _ = pooled["base"]["ci95"][pooled["layers"].index(pooled["base"]["best_layer"])]
+    lo, _ = pooled["base"]["best_ci95"]
     assert best > 0.6 and lo > pooled["control"], pooled  # well above chance and the control
+    assert pooled["control"] < 0.45  # the control went through the same layer choice
+
+
+def _naive_max_over_layers(feats: np.ndarray, answers: np.ndarray, seed: int) -> float:
+    """The old headline: the best of the per-layer out-of-fold accuracies (scikit-learn alone)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    cv = StratifiedKFold(5, shuffle=True, random_state=seed)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    return max(float(np.mean(cross_val_predict(probe, feats[:, j], answers, cv=cv) == answers))
+               for j in range(feats.shape[1]))
+
+
+def test_best_layer_on_pure_noise_is_not_above_chance():
+    """Over 20 noise draws (random states, random answers), the nested best-layer accuracy
+    averages to the chance level, where the maximum over layers sits well above it."""
+    nested, old, chance, above = [], [], [], 0
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        feats, answers = rng.normal(size=(80, 6, 8)), rng.integers(0, 4, 80)
+        got = nested_cross_validated("letter", {"base": feats}, answers, {}, ProbeConfig(), seed)
+        acc = got["selected"]["base"].mean()
+        nested.append(acc)
+        chance.append(max(0.25, np.bincount(answers).max() / 80))  # the majority letter
+        above += wilson_interval(acc, 80)[0] > chance[-1]
+        old.append(_naive_max_over_layers(feats, answers, seed))
+    assert np.mean(nested) <= np.mean(chance) + 0.01, (np.mean(nested), np.mean(chance))
+    assert np.mean(old) >= np.mean(chance) + 0.025, (np.mean(old), np.mean(chance))
+    assert above <= 1  # the 95% interval holds chance in (about) 19 draws of 20
+
+
+def test_best_layer_finds_the_layer_with_a_planted_answer():
+    rng = np.random.default_rng(0)
+    n, layers, d = 120, 5, 16
+    answers = rng.integers(0, 4, n)
+    feats = rng.normal(size=(n, layers, d))
+    feats[:, 3] += 1.5 * rng.normal(size=(4, d))[answers]  # only block 3 holds the answer
+    got = nested_cross_validated("letter", {"base": feats, "unlearned": feats[:, ::-1]}, answers,
+                                 {}, ProbeConfig(), seed=0, transfer=("base", "unlearned"))
+    assert got["chosen"]["base"] == [3] * 5 and got["chosen"]["unlearned"] == [1] * 5
+    assert got["selected"]["base"].mean() > 0.8
+    # the selected figure is, question by question, the chosen layer's out-of-fold correctness
+    assert np.array_equal(got["selected"]["base"], got["per_layer"]["base"][3])
+    # the base probe read on the unlearned states (block 3 moved to 1) is chosen where it works
+    assert got["selected"]["base->unlearned"].mean() < 0.5
 
 
 # --- relearning ---------------------------------------------------------------------------------
@@ -268,6 +317,143 @@ def test_gcg_lowers_its_objective_within_a_few_steps(quiz_ctx):
     assert not any(p.requires_grad is False for p in subject.model.parameters())  # flags restored
 
 
+class LinearLM(torch.nn.Module):
+    """A causal LM linear in every input embedding: logits_t = (sum_{s<=t} E[x_s] P_s) U.
+
+    With one question and two one-token choices, the "choices" objective is
+    softplus(z_wrong - z_right) of a linear function of the suffix embeddings, so the loss of
+    every single-token swap is ordered exactly as the one-hot gradient orders it, position by
+    position: the case GCG's first-order ranking is exact on.
+    """
+
+    def __init__(self, vocab: int = 24, d: int = 6, length: int = 16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, d, generator=g))
+            self.head.weight.copy_(torch.randn(vocab, d, generator=g))
+        # P_s per position, small: losses of order 1 (float32 keeps their differences)
+        self.pos = torch.nn.Parameter(0.1 * torch.randn(length, d, d, generator=g))
+        self.config = type("Config", (), {"max_position_embeddings": length})()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids=None, inputs_embeds=None, use_cache=False):
+        e = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        h = torch.einsum("btd,tde->bte", e, self.pos[:e.shape[1]]).cumsum(1)
+        return type("Out", (), {"logits": self.head(h)})()
+
+
+class WordTokenizer:
+    """Token i is the word "w{i}": every id sequence round-trips through text."""
+
+    all_special_ids: list[int] = []
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return self.vocab
+
+    def batch_decode(self, rows):
+        return [" ".join(f"w{i}" for i in r) for r in rows]
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[int(w[1:]) for w in t.split()] for t in texts]}
+
+
+def _toy_question():
+    from wmdp.audit.gcg import _Question
+
+    return _Question(prefix=[1, 2, 3], tail=[4], choices=[[5], [6]], answer=0, prefix_text="",
+                     tail_text="", continuations=("a", "b"))
+
+
+@torch.no_grad()
+def _toy_loss(model, q, suffix: list[int]) -> float:
+    """The choices objective by hand: one forward, -log softmax of the two choices' logits."""
+    logits = model(torch.tensor([q.prefix + suffix + q.tail])).logits[0, -1]
+    pair = logits[[q.choices[0][0], q.choices[1][0]]]
+    return float(-torch.log_softmax(pair, 0)[q.answer])
+
+
+def _enumerated_swaps(model, q, suffix: list[int], vocab: int) -> np.ndarray:
+    """(S, V): the exact objective after putting token v at position p."""
+    return np.array([[_toy_loss(model, q, suffix[:p] + [v] + suffix[p + 1:]) for v in range(vocab)]
+                     for p in range(len(suffix))])
+
+
+def test_gcg_gradient_ranks_every_swap_as_its_exact_loss_does():
+    model, q, suffix = LinearLM(), _toy_question(), [7, 8, 9]
+    grad, loss = objective_gradient(model, [q], torch.tensor(suffix), 16, "choices")
+    assert loss == pytest.approx(_toy_loss(model, q, suffix), rel=1e-5)
+    exact = _enumerated_swaps(model, q, suffix, 24)
+    for p in range(len(suffix)):  # linear model: the gradient's order is the exact order
+        assert np.argsort(grad[p].numpy()).tolist() == np.argsort(exact[p]).tolist(), p
+    best_p, best_v = np.unravel_index(exact.argmin(), exact.shape)
+    assert int(grad[best_p].argmin()) == best_v  # the best swap is the top-1 of its position
+
+
+def test_gcg_step_picks_the_best_candidate_it_evaluates():
+    from wmdp.audit.gcg import gcg_step
+
+    model, q, suffix = LinearLM(), _toy_question(), [7, 8, 9]
+    exact = _enumerated_swaps(model, q, suffix, 24)
+    tok, none = WordTokenizer(24), torch.zeros(0, dtype=torch.long)
+    # top-1 per position: the candidates are the three best single swaps; the step takes the
+    # overall best, which enumeration found
+    cfg = GCGConfig(topk=1, search_width=32, n_replace=1, eval_batch_size=8)
+    step = gcg_step(model.requires_grad_(False), tok, [q], torch.tensor(suffix), none, cfg,
+                    torch.Generator().manual_seed(0), 16)
+    best_p, best_v = np.unravel_index(exact.argmin(), exact.shape)
+    want = suffix.copy()
+    want[best_p] = int(best_v)
+    assert step["suffix"].tolist() == want
+    assert step["suffix_loss"] == pytest.approx(exact.min(), rel=1e-5)
+    # a wider search: each candidate's score is its exact loss, and the step takes the lowest
+    cfg = GCGConfig(topk=5, search_width=16, n_replace=2, eval_batch_size=8)
+    step = gcg_step(model, tok, [q], torch.tensor(suffix), none, cfg,
+                    torch.Generator().manual_seed(1), 16)
+    naive = [_toy_loss(model, q, c) for c in step["candidates"].tolist()]
+    assert len(naive) > 3 and step["scores"].tolist() == pytest.approx(naive, rel=1e-5)
+    assert step["suffix"].tolist() == step["candidates"][int(np.argmin(naive))].tolist()
+
+
+def test_gcg_accuracy_is_scored_on_the_optimised_ids(quiz_ctx):
+    """A suffix whose text re-encodes to other ids (" the" + "re" -> " there") is scored with its
+    own ids spliced in: the log-likelihoods of a naive forward of prefix + suffix + tail."""
+    from wmdp.audit.gcg import accuracy_with_suffix, choice_loglikelihoods
+
+    subject = quiz_ctx.subjects["unlearned"]
+    model, tok = subject.model, subject.tokenizer
+    qs = encode_questions(tok, quiz_ctx.items["quiz"][:6], quiz_ctx.tasks["quiz"],
+                          quiz_ctx.style, None)
+    suffix = [tok(" the", add_special_tokens=False)["input_ids"][0],
+              tok("re", add_special_tokens=False)["input_ids"][0]]
+    text = qs[0].prefix_text + tok.decode(suffix) + qs[0].tail_text
+    assert tok(text)["input_ids"] != qs[0].prefix + suffix + qs[0].tail  # text would merge
+    naive = []
+    for q in qs:
+        row = []
+        for cont in q.choices:
+            ids = torch.tensor([q.prefix + suffix + q.tail + cont])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids).logits[0].double(), -1)
+            start = ids.shape[1] - len(cont)
+            row.append(sum(float(lp[start - 1 + k, t]) for k, t in enumerate(cont)))
+        naive.append(row)
+    got = choice_loglikelihoods(model, qs, torch.tensor([suffix]), 2048, 4)[0]
+    assert got.numpy() == pytest.approx(np.array(naive), rel=1e-4)
+    correct = accuracy_with_suffix(quiz_ctx, "unlearned", qs, suffix)
+    assert correct == [float(np.argmax(r) == q.answer) for r, q in zip(naive, qs)]
+
+
 def test_retokenizing_drops_candidates_that_change_when_re_encoded():
     from transformers import AutoTokenizer
 
@@ -282,23 +468,35 @@ def test_retokenizing_drops_candidates_that_change_when_re_encoded():
 
 # --- few-shot and activations ---------------------------------------------------------------------
 
-def test_fewshot_plain_and_expert_contexts_are_the_loglikelihood_argmax(quiz_ctx):
+def test_fewshot_chooses_the_context_on_other_questions_than_it_reports(quiz_ctx):
     out = run_fewshot(quiz_ctx, FewshotConfig(shots=[0, 1, 3], pool_size=5))
     r = out["tasks"]["quiz"]
     asked = [i for i in range(40) if i not in r["pool"]]
     assert r["n"] == 35 and set(r["contexts"]) == {"0-shot", "1-shot", "3-shot", "expert",
                                                    "expert+3-shot"}
+    select, report = r["select"], r["report"]  # disjoint halves of the asked questions
+    assert sorted(select + report) == asked and len(select) == 18 and len(report) == 17
     task, items = quiz_ctx.tasks["quiz"], quiz_ctx.items["quiz"]
     for label, system in (("0-shot", None), ("expert", r["system_prompt"])):
         prompts = [build_prompt(items[i], task, quiz_ctx.style, system=system) for i in asked]
         for role, s in quiz_ctx.subjects.items():  # scored here, one plain call per context
             lls = loglikelihoods(s.model, s.tokenizer, [Request(c, tuple(k)) for c, k in prompts],
                                  progress=False)
-            acc = np.mean([np.argmax(ll) == items[i].answer for ll, i in zip(lls, asked)])
-            assert r["contexts"][label][role]["acc"] == pytest.approx(acc), (label, role)
+            right = {i: float(np.argmax(ll) == items[i].answer) for ll, i in zip(lls, asked)}
+            got = r["contexts"][label][role]
+            assert got["acc"] == pytest.approx(np.mean(list(right.values()))), (label, role)
+            for split, idx in (("select", select), ("report", report)):
+                assert got[split]["acc"] == pytest.approx(np.mean([right[i] for i in idx]))
     rec = out["recovery"]["quiz"]
-    assert rec["attacked"] == max(c["unlearned"]["acc"] for c in r["contexts"].values())
-    assert rec["base_attacked"] == max(c["base"]["acc"] for c in r["contexts"].values())
+    for role, key in (("unlearned", "attacked"), ("base", "base_attacked")):
+        chosen = rec["best_context" if role == "unlearned" else "base_best_context"]
+        by_select = {c: e[role]["select"]["acc"] for c, e in r["contexts"].items()}
+        assert by_select[chosen] == max(by_select.values())  # chosen on the selection half
+        assert rec[key] == r["contexts"][chosen][role]["report"]["acc"]  # reported on the other
+    plain = quiz_ctx.reference["unlearned"]["quiz"]
+    assert rec["n"] == 17 and rec["unlearned"] == pytest.approx(np.mean([plain[i] for i in report]))
+    with pytest.raises(WmdpError, match="select_fraction"):
+        run_fewshot(quiz_ctx, FewshotConfig(shots=[0, 1], pool_size=5, select_fraction=1.0))
 
 
 def test_activation_norms_match_a_naive_per_text_forward(quiz_ctx):
@@ -315,6 +513,82 @@ def test_activation_norms_match_a_naive_per_text_forward(quiz_ctx):
         count += ids.shape[1]
     naive = sums / count
     assert got[:-1] == pytest.approx(naive[:-1], rel=1e-4)  # the last is after the final norm
+
+
+# --- plots: what they show -------------------------------------------------------------------------
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions would save, drawn (laid out) and kept open."""
+    from wmdp.audit import plots
+
+    figs = []
+
+    def keep(fig, path):
+        fig.tight_layout()
+        fig.canvas.draw()
+        figs.append(fig)
+        return path.name
+
+    monkeypatch.setattr(plots, "_save", keep)
+    yield figs
+    import matplotlib.pyplot as plt
+
+    for fig in figs:
+        plt.close(fig)
+
+
+def _relearn_result(names: list[str]) -> dict:
+    rng = np.random.default_rng(0)
+    tasks = {}
+    for name in names:
+        r = {"steps": [0, 10, 20], "n_unmentioned": 57}
+        for role in ("base", "unlearned"):
+            for kind in ("forget", "retain"):
+                r[f"{role}_{kind}"] = {"acc_unmentioned": rng.uniform(0, 1, 3).round(3).tolist()}
+        tasks[name] = r
+    return {"tasks": tasks}
+
+
+def test_relearn_plot_shows_each_curve_and_its_titles_do_not_overlap(drawn, tmp_path):
+    from wmdp.audit.plots import plot_relearn
+
+    names = ["sandbox_bio", "sandbox_cyber", "sandbox_bio_seen", "sandbox_cyber_seen"]
+    result = _relearn_result(names)
+    plot_relearn(result, tmp_path / "relearn.png")
+    (fig,) = drawn
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.title.get_window_extent(renderer) for ax in axes]
+    boxes.append(fig._suptitle.get_window_extent(renderer))
+    for i, a in enumerate(boxes):  # no two titles share a pixel, and all are inside the figure
+        assert 0 <= a.x0 and a.x1 <= fig.bbox.width and a.y1 <= fig.bbox.height, i
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    for ax, name in zip(axes, names):
+        assert ax.get_title().replace("\n", " ").startswith(name)
+        shown = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+        for role in ("base", "unlearned"):
+            for kind in ("forget", "retain"):
+                assert shown[f"{role}, {kind} texts"] == \
+                    result["tasks"][name][f"{role}_{kind}"]["acc_unmentioned"]
+
+
+def test_probe_plot_shows_the_per_layer_accuracies_and_chance(drawn, tmp_path):
+    from wmdp.audit.plots import plot_probe
+
+    curve = {"acc": [0.3, 0.6, 0.4], "ci95": [[0.2, 0.4], [0.5, 0.7], [0.3, 0.5]]}
+    result = {"tasks": {"quiz": {"layers": [0, 1, 2], "kind": "letter", "chance": 0.27,
+                                 "base": {**curve, "control_acc": [0.26, 0.25, 0.28]},
+                                 "unlearned": {**curve, "acc": [0.25, 0.3, 0.35]},
+                                 "base_to_unlearned": {**curve, "acc": [0.2, 0.22, 0.24]}}}}
+    plot_probe(result, tmp_path / "probe.png")
+    (ax,) = [a for a in drawn[0].axes if a.get_visible()]
+    shown = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+    assert shown["base"] == [0.3, 0.6, 0.4] and shown["unlearned"] == [0.25, 0.3, 0.35]
+    assert shown["base probe on unlearned"] == [0.2, 0.22, 0.24]
+    assert shown["base, shuffled answers"] == [0.26, 0.25, 0.28]
+    assert shown["chance"] == [0.27, 0.27]
 
 
 # --- the audit directory and the command line -----------------------------------------------------
@@ -339,6 +613,14 @@ def _audit_args(tiny_pair, tmp_path, out):
             "retain_corpora": [_write_texts(tmp_path / "r.jsonl", texts(12, 2))]}
 
 
+def config_task(config: AuditConfig):
+    return Registry.build(task_files=config.task_files).tasks["quiz"]
+
+
+def quiz_items(config: AuditConfig) -> list[MCQItem]:
+    return config_task(config).load_items()
+
+
 def _numbers(text: str) -> list[float]:
     return [float(x.rstrip("%")) / (100 if x.endswith("%") else 1)
             for x in re.findall(r"-?\d+\.\d+|-?\d+%", text)]
@@ -351,10 +633,20 @@ def test_audit_writes_every_figure_and_resumes(tiny_pair, tmp_path, monkeypatch)
     on_disk = json.loads((out / "audit.json").read_text())
     assert set(on_disk["attacks"]) == {"probe", "relearn", "gcg", "fewshot", "activations"}
     assert on_disk["config"]["gcg"]["steps"] == 2 and on_disk["reference"]["base"]["quiz"]["n"] == 24
+    ref = reference_accuracy({r: Subject(r, *load_model(p, dtype="float32", device="cpu"))
+                              for r, p in zip(("base", "unlearned"), tiny_pair)},
+                             {"quiz": config_task(config)}, {"quiz": quiz_items(config)},
+                             AuditConfig(batch_size=4), progress=False)
+    for role in ("base", "unlearned"):  # the baseline every attack is measured against
+        assert on_disk["reference"][role]["quiz"]["correct"] == ref[role]["quiz"]["correct"]
+    verdict_lines = (out / "verdicts.md").read_text().splitlines()
     for attack, result in on_disk["attacks"].items():
         assert json.loads((out / f"{attack}.json").read_text()) == result
-        assert (out / f"{attack}.png").stat().st_size > 1000
+        assert on_disk["plots"][attack] == f"{attack}.png"
         v = result["verdict"]
+        assert not v["text"].lower().startswith(attack)  # the name is shown once, beside it
+        assert [ln for ln in verdict_lines if ln.startswith("- ")].count(
+            f"- **{attack}**: {v['text']}") == 1
         figures = [x for k, x in v.items() if isinstance(x, (int, float)) and not isinstance(x, bool)]
         for x in _numbers(v["text"]):  # every number the sentence states is a stored figure
             assert any(abs(x - f) <= 0.006 or (x == int(x) and x == f) for f in figures), \
@@ -364,6 +656,12 @@ def test_audit_writes_every_figure_and_resumes(tiny_pair, tmp_path, monkeypatch)
     gcg = on_disk["attacks"]["gcg"]  # the suffix is judged on questions it was not trained on
     assert gcg["n_train"] == 4 and gcg["tasks"]["quiz"]["n_held_out"] == 20
     assert gcg["recovery"]["quiz"]["n"] == 20
+    held = [i for i in range(24) if ["quiz", i] not in gcg["train"]]
+    assert gcg["recovery"]["quiz"]["unlearned"] == pytest.approx(  # plain acc, same questions
+        np.mean([ref["unlearned"]["quiz"]["correct"][i] for i in held]))
+    for attack, n in (("probe", 24), ("gcg", 20), ("fewshot", 9)):  # each names its questions
+        assert f" {n} " in on_disk["attacks"][attack]["verdict"]["text"], attack
+        assert on_disk["attacks"][attack]["verdict"]["n"] == n
     assert len(gcg["suffixes"]["unlearned"]["loss"]) == 3
 
     calls = []
@@ -382,16 +680,22 @@ def test_audit_writes_every_figure_and_resumes(tiny_pair, tmp_path, monkeypatch)
         run_audit(other, progress=False)
 
 
-def test_audit_adds_attacks_to_an_existing_run(tiny_pair, tmp_path):
+def test_audit_adds_attacks_to_an_existing_run(tiny_pair, tmp_path, capsys):
     out = tmp_path / "audit"
     args = _audit_args(tiny_pair, tmp_path, out)
     run_audit(audit_config(settings={**args, "attacks": ["fewshot"]}, overrides=SMALL),
               progress=False)
     first = json.loads((out / "audit.json").read_text())["attacks"]["fewshot"]
+    capsys.readouterr()
     record = run_audit(audit_config(settings={**args, "attacks": ["fewshot", "activations"]},
-                                    overrides=SMALL), progress=False)
+                                    overrides=SMALL), progress=True)
     assert set(record["attacks"]) == {"fewshot", "activations"}
     assert record["attacks"]["fewshot"] == first
+    # one line in the log per attack that ran (fewshot was already done), with its figures
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("audit: ")]
+    v = record["attacks"]["activations"]["verdict"]
+    assert len(lines) == 1 and lines[0].startswith("audit: activations finished in ")
+    assert f"{v['forget_ratio']:.2f}x the base's at block {v['layer']}" in lines[0]
 
 
 def test_cli_audit_runs_and_reports_bad_input_in_one_line(tiny_pair, tmp_path, capsys):
@@ -401,7 +705,7 @@ def test_cli_audit_runs_and_reports_bad_input_in_one_line(tiny_pair, tmp_path, c
             "--dtype", "float32", "--device", "cpu"]
     assert main(argv + ["--attacks", "fewshot", "--set", "fewshot.pool_size=5"]) == 0
     out = capsys.readouterr().out
-    assert "fewshot: the best prompt" in out and "audit.json" in out
+    assert "- **fewshot**: the best prompt" in out and "audit.json" in out
     assert main(argv + ["--attacks", "fewshot"]) == 2  # non-empty output, other settings
     assert main(argv[:-6] + ["--output", str(tmp_path / "o2"), "--attacks", "probe,jailbreak"]) == 2
     assert main(argv[:-6] + ["--output", str(tmp_path / "o3"), "--attacks", "relearn"]) == 2
@@ -409,6 +713,14 @@ def test_cli_audit_runs_and_reports_bad_input_in_one_line(tiny_pair, tmp_path, c
     assert len(err) == 3
     assert "unknown attack 'jailbreak'" in err[1]
     assert "relearn attack needs --forget-corpora and --retain-corpora" in err[2]
+
+
+def test_probe_with_too_few_folds_to_choose_a_layer_is_refused_before_anything_runs(
+        tiny_pair, tmp_path):
+    args = {**_audit_args(tiny_pair, tmp_path, tmp_path / "out"), "attacks": ["probe"]}
+    with pytest.raises(WmdpError, match="probe.folds is 2: .* at least 3 folds"):
+        run_audit(audit_config(settings=args, overrides=["probe.folds=2"]), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_settings_layer_preset_file_flags_and_overrides(tmp_path):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 COLORS = {"base": "tab:blue", "unlearned": "tab:red", "base_to_unlearned": "tab:purple"}
@@ -29,6 +30,11 @@ def _figure(n_panels: int, title: str, per_row: int = 3):
         ax.set_visible(False)
     fig.suptitle(title)
     return fig, list(axes.flat[:n_panels])
+
+
+def _panel_title(ax, text: str) -> None:
+    """A panel title wrapped to its panel's width, so neighbouring titles never overlap."""
+    ax.set_title(textwrap.fill(text, width=44), fontsize=9)
 
 
 def _save(fig, path: Path) -> str:
@@ -54,8 +60,8 @@ def plot_probe(result: dict, path: Path) -> str:
                         label=f"{label}, shuffled answers")
         ax.axhline(r["chance"], color="gray", ls="--", label="chance")
         ax.set_xticks(x)
-        ax.set(title=f"{name} ({r['kind']} probe)", xlabel="decoder layer", ylabel="accuracy",
-               ylim=(0, 1.02))
+        _panel_title(ax, f"{name} ({r['kind']} probe)")
+        ax.set(xlabel="decoder layer", ylabel="accuracy", ylim=(0, 1.02))
     axes[0].legend(fontsize=7)
     return _save(fig, path)
 
@@ -67,9 +73,8 @@ def plot_relearn(result: dict, path: Path) -> str:
             for kind, ls in (("forget", "-"), ("retain", "--")):
                 ax.plot(r["steps"], r[f"{role}_{kind}"]["acc_unmentioned"], ls, marker="o",
                         color=COLORS[role], label=f"{role}, {kind} texts")
-        ax.set(title=f"{name} ({r['n_unmentioned']} questions the texts never name)",
-               xlabel="fine-tuning step",
-               ylabel="accuracy", ylim=(0, 1.02))
+        _panel_title(ax, f"{name} ({r['n_unmentioned']} questions the texts never name)")
+        ax.set(xlabel="fine-tuning step", ylabel="accuracy", ylim=(0, 1.02))
     axes[0].legend(fontsize=7)
     return _save(fig, path)
 
@@ -102,7 +107,8 @@ def plot_fewshot(result: dict, path: Path) -> str:
                    [r["contexts"][c][role]["acc"] for c in labels], width=0.4,
                    color=COLORS[role], label=role)
         ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, rotation=30, fontsize=7)
-        ax.set(title=f"{name} (n={r['n']})", ylabel="accuracy", ylim=(0, 1.02))
+        _panel_title(ax, f"{name} ({r['n']} questions asked)")
+        ax.set(ylabel="accuracy", ylim=(0, 1.02))
     axes[0].legend(fontsize=7)
     return _save(fig, path)
 

@@ -196,7 +196,10 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
                 for r in curves for k in corpora}
         recovery[t] = recovery_entry(ctx, t, best["unlearned_forget"], best["base_forget"], keep)
         recovery[t].update(attacked_control=best["unlearned_retain"],
-                           base_attacked_control=best["base_retain"])
+                           base_attacked_control=best["base_retain"],
+                           questions=f"the {len(keep)} of {len(ctx.items[t])} questions no chosen "
+                                     "forget text names; the highest accuracy over the "
+                                     f"evaluated steps {tasks[t]['steps']}")
     return {"texts": record, "tasks": tasks, "recovery": recovery}
 
 

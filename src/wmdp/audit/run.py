@@ -16,6 +16,7 @@ runs only the new ones. Settings: defaults (sized for the sandbox on a CPU) < `-
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,11 @@ def _check(config: AuditConfig) -> None:
     if config.prompt_style not in PROMPT_STYLES:
         raise WmdpError(f"prompt style {config.prompt_style!r} is not one of "
                         f"{', '.join(PROMPT_STYLES)}")
+    probe = config.probe
+    if "probe" in config.attacks and probe.folds < 3 and (probe.layers is None
+                                                          or len(set(probe.layers)) > 1):
+        raise WmdpError(f"probe.folds is {probe.folds}: choosing the probe's layer needs at "
+                        "least 3 folds (an inner cross-validation inside each outer one)")
     for attack in NEEDS_CORPORA:
         if attack in config.attacks and not (config.forget_corpora and config.retain_corpora):
             raise WmdpError(f"the {attack} attack needs --forget-corpora and --retain-corpora")
@@ -196,8 +202,10 @@ def run_audit(config: AuditConfig, *, overwrite: bool = False, progress: bool = 
             if not source:
                 raise WmdpError("name both models: --model (unlearned) and --base")
             check_model_source(source)
-    out = prepare_output_dir(config.output, overwrite, AUDIT, config.fingerprint()) \
-        if config.output else None
+    out = prepare_output_dir(config.output, overwrite, AUDIT, config.fingerprint(), inputs=[
+        ("--model", config.model), ("--base", config.base), ("--data-dir", config.data_dir),
+        *(("corpus", c) for c in config.forget_corpora + config.retain_corpora),
+        *(config.task_files or {}).items()]) if config.output else None
     record = read_json(out / AUDIT) if out is not None and (out / AUDIT).is_file() else {}
     pairs = models or _load_models(config)
     subjects = {r: Subject(r, *pairs[r]) for r in ROLES}
@@ -246,12 +254,29 @@ def _run_attack(attack: str, attack_config: Any, ctx: AuditContext, record: dict
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["verdict"] = verdict(attack, result, record["gap_tasks"])
     record["attacks"][attack] = result
+    if ctx.progress:  # the progress bars vanish; a log keeps this line
+        print(f"audit: {attack} finished in {result['seconds']:.0f} s: "
+              f"{headline(attack, result['verdict'])}", file=sys.stderr, flush=True)
     if out is not None:
         from wmdp.audit.plots import plot_attack
 
         write_json(out / f"{attack}.json", result)
         record["plots"][attack] = plot_attack(attack, result, out)
     _write(out, record)
+
+
+def headline(attack: str, figures: dict) -> str:
+    """One line of an attack's verdict figures, for a log."""
+    if attack == "activations":
+        return (f"forget-text norm {figures['forget_ratio']:.2f}x the base's at block "
+                f"{figures['layer']} (retain text {figures['retain_ratio']:.2f}x)")
+
+    def f(key: str, spec: str = ".2f") -> str:
+        return "n/a" if figures.get(key) is None else format(figures[key], spec)
+
+    return (f"unlearned {f('unlearned')} -> {f('attacked')} under attack (base {f('base')} -> "
+            f"{f('base_attacked')}), {f('recovered_fraction', '.0%')} of the gap recovered, "
+            f"{figures['n']} questions")
 
 
 def _write(out: Path | None, record: dict) -> None:
@@ -268,6 +293,8 @@ def verdicts_markdown(record: dict) -> str:
                      f"{record['reference']['unlearned'][t]['acc']:.3f} |")
     gap = record.get("gap_tasks") or []
     lines += ["", "Verdicts pool the tasks where the base model is above chance and unlearning "
-              "opened a gap: " + (", ".join(gap) if gap else "none") + "."]
-    lines += [""] + [f"- {text}" for text in record["verdicts"].values()]
+              "opened a gap: " + (", ".join(gap) if gap else "none") + ". Each attack measures "
+              "on the questions its sentence names, and its base and unlearned figures are the "
+              "plain accuracies on those questions (so they can differ from the table's)."]
+    lines += [""] + [f"- **{attack}**: {text}" for attack, text in record["verdicts"].items()]
     return "\n".join(lines) + "\n"
