@@ -91,6 +91,14 @@ def table(runs: list[dict]) -> tuple[str, dict]:
         cell = lambda s: f"{fmt.format(s['mean'])} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"  # noqa: E731
         lines.append(f"| {label} | {cell(summary[label]['base'])} | {cell(summary[label]['rmu'])} "
                      f"| {cell(summary[label]['change'])} |")
+    label = "retain word perplexity"
+    if label in summary:
+        rel = [100 * (u / b - 1) for u, b in zip(summary[label]["rmu"]["values"],
+                                                 summary[label]["base"]["values"])]
+        summary["retain perplexity change %"] = _summary(rel)
+        s = summary["retain perplexity change %"]
+        lines.append(f"| retain perplexity, RMU / base - 1 | | | {s['mean']:+.1f}% "
+                     f"[{s['min']:+.1f}%, {s['max']:+.1f}%] |")
     return "\n".join(lines), summary
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable, TypeVar
 import yaml
 
 from wmdp.errors import WmdpError
+from wmdp.io import read_text
 
 T = TypeVar("T")
 OPEN = "any key"  # a schema entry whose keys are free (a NAME: PATH mapping, chat settings)
@@ -47,7 +48,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise WmdpError(f"{path}: config file not found")
     try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

@@ -8,12 +8,13 @@ RMU's every forward stops after block `layer_id` (wmdp.layers), so neither the b
 nor the final norm and LM head ever run. Here the model skeleton is built on the meta device
 (`accelerate.init_empty_weights`), truncated to blocks 0..layer_id, and only the tensors those
 need (embeddings, the blocks, and buffers such as rotary frequencies, which are built for real)
-are read from the safetensors shards with `safe_open`; the rest stays on meta, taking no memory.
+are read from the safetensors shards, each by plain reads into its own buffer (no memory map:
+the rest of a shard is never paged in); the rest stays on meta, taking no memory.
 A model whose prefix fits on one device is unlearned there, whatever its size.
 
-Writing the output: a shard that holds no trained tensor and is already in the output dtype is
-copied byte for byte (not hard-linked: see `_copy`); a shard that holds one is rewritten with the trained
-values (and a dtype conversion, if asked, rewrites every shard, as save_pretrained would). The
+Writing the output: every shard is copied byte for byte (not hard-linked: see `_copy`), then the
+trained tensors' bytes are written in place in the copy (same dtype and shape, so the same
+layout); a dtype conversion, if asked, rewrites every shard instead, as save_pretrained would. The
 index, config and generation config are copied; the tokenizer is saved as the full path saves it.
 The input directory is never written to.
 """
@@ -53,6 +54,33 @@ class PrefixPlan:
                 "tensors_in_checkpoint": len(self.weight_map), "shards": len(shards)}
 
 
+# safetensors' dtype names; the format stores little-endian bytes (as x86 and Arm hosts do)
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+             "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(where the data starts, the header) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def read_tensor(path: Path, start: int, info: dict) -> torch.Tensor:
+    """One tensor by plain reads into its own buffer: no memory map, so reading the prefix costs
+    the prefix's bytes and nothing of the rest of the shard."""
+    b, e = info["data_offsets"]
+    dtype = ST_DTYPES[info["dtype"]]
+    if e == b:
+        return torch.empty(info["shape"], dtype=dtype)
+    buf = bytearray(e - b)
+    with open(path, "rb") as f:
+        f.seek(start + b)
+        f.readinto(buf)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
 def local_snapshot(name_or_path: str, revision: str | None) -> Path:
     """A local directory for the model: the path itself, or the hub snapshot (every safetensors
     shard is needed for the output, but only the prefix's tensors are ever read into memory)."""
@@ -72,10 +100,7 @@ def weight_map(source: Path) -> dict[str, str]:
     if (source / INDEX).is_file():
         return dict(json.loads((source / INDEX).read_text())["weight_map"])
     if (source / SINGLE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(source / SINGLE, framework="pt") as f:
-            return {k: SINGLE for k in f.keys()}
+        return {k: SINGLE for k in read_header(source / SINGLE)[1] if k != "__metadata__"}
     raise WmdpError(f"{source}: no {SINGLE} or {INDEX}")
 
 
@@ -163,7 +188,6 @@ def load_prefix(name_or_path: str, layer_id: int, *, revision: str | None = None
     """The model with blocks 0..layer_id (and embeddings) loaded, the rest on meta."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -180,24 +204,20 @@ def load_prefix(name_or_path: str, layer_id: int, *, revision: str | None = None
     plan = PrefixPlan(source, layer_id, weight_map(source), target)
     needed = _needed(model, layer_id)
     dev = resolve_device(device)
-    handles: dict[str, Any] = {}
-    try:
-        for name in needed:
-            sources = checkpoint_names(config, name)
-            tensors = []
-            for c in sources:
-                if c not in plan.weight_map:
-                    raise WmdpError(f"{source}: tensor {c} is not in the checkpoint")
-                shard = plan.weight_map[c]
-                if shard not in handles:
-                    handles[shard] = safe_open(source / shard, framework="pt", device="cpu")
-                tensors.append(handles[shard].get_tensor(c))
-            value = _merge(sources, tensors)
-            set_module_tensor_to_device(model, name, dev, value=value,
-                                        dtype=target or value.dtype)
-            plan.loaded.append(name)
-    finally:
-        handles.clear()
+    headers = {shard: read_header(source / shard) for shard in set(plan.weight_map.values())}
+    for name in needed:
+        sources = checkpoint_names(config, name)
+        tensors = []
+        for c in sources:
+            if c not in plan.weight_map:
+                raise WmdpError(f"{source}: tensor {c} is not in the checkpoint")
+            shard = plan.weight_map[c]
+            start, header = headers[shard]
+            tensors.append(read_tensor(source / shard, start, header[c]))
+        value = _merge(sources, tensors)
+        set_module_tensor_to_device(model, name, dev, value=value, dtype=target or value.dtype)
+        plan.loaded.append(name)
+        del value, tensors
     _move_buffers(model, dev)
     del layers[layer_id + 1:]  # never run; their meta tensors need no memory either way
     model.eval()
@@ -237,17 +257,17 @@ def save_prefix_model(model: nn.Module, tokenizer: Any, plan: PrefixPlan, out: P
         shards.setdefault(shard, []).append(name)
     for shard, names in sorted(shards.items()):
         src = plan.source / shard
-        with safe_open(src, framework="pt", device="cpu") as f:
+        start, header = read_header(src)
+        if plan.dtype is None or all(header[n]["dtype"] == _st_dtype(plan.dtype) for n in names):
+            _copy(src, tmp / shard)  # then the trained tensors' bytes, in place in the copy
+            _patch(tmp / shard, start, header, {n: trained[n] for n in names if n in trained})
+            continue
+        with safe_open(src, framework="pt", device="cpu") as f:  # a dtype change: rewrite
             metadata = f.metadata()
-            same_dtype = plan.dtype is None or all(
-                f.get_slice(n).get_dtype() == _st_dtype(plan.dtype) for n in names)
-            if same_dtype and not any(n in trained for n in names):
-                _copy(src, tmp / shard)
-                continue
             tensors = {}
             for n in names:
                 t = trained[n].detach().to("cpu") if n in trained else f.get_tensor(n)
-                tensors[n] = t.to(plan.dtype).contiguous() if plan.dtype else t.contiguous()
+                tensors[n] = t.to(plan.dtype).contiguous()
         save_file(tensors, tmp / shard, metadata=metadata or {"format": "pt"})
     for extra in (INDEX, "config.json", "generation_config.json"):
         if (plan.source / extra).is_file():
@@ -263,8 +283,24 @@ def save_prefix_model(model: nn.Module, tokenizer: Any, plan: PrefixPlan, out: P
     tmp.rmdir()
 
 
+def _patch(path: Path, start: int, header: dict, values: dict[str, torch.Tensor]) -> None:
+    """Overwrite tensors' bytes in a safetensors file of ours (same dtype and shape: the layout,
+    and so the header, stays), one tensor in memory at a time."""
+    if not values:
+        return
+    with open(path, "r+b") as f:
+        for name, value in values.items():
+            info = header[name]
+            t = value.detach().to("cpu").contiguous()
+            if list(t.shape) != info["shape"] or _st_dtype(t.dtype) != info["dtype"]:
+                raise WmdpError(f"{path}: trained {name} is {t.dtype} {list(t.shape)}, the "
+                                f"checkpoint's {info['dtype']} {info['shape']}")
+            f.seek(start + info["data_offsets"][0])
+            f.write(t.view(torch.uint8).numpy().tobytes())
+
+
 def _st_dtype(dtype: torch.dtype) -> str:
-    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    return {v: k for k, v in ST_DTYPES.items()}[dtype]
 
 
 def _copy(src: Path, dst: Path) -> None:

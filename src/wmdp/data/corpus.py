@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wmdp.errors import DataError, WmdpError
-from wmdp.io import jsonl_records, sha256_json
+from wmdp.io import jsonl_records, read_text, sha256_json
 
 
 @dataclass
@@ -81,15 +81,6 @@ def load_corpus(spec: str | Path, min_len: int = 0, limit: int | None = None,
 RAW = "raw:"
 
 
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(path, f"is not UTF-8 text (byte {e.start})", line) from None
-
-
 def _raw_lines(inner: str, spec: str) -> tuple[list[str], str, str]:
     """The reference's `for line in open(f"data/{name}.jsonl")`: universal newlines, each line
     kept whole with its newline (a blank line is the text "\n")."""
@@ -103,7 +94,7 @@ def _raw_lines(inner: str, spec: str) -> tuple[list[str], str, str]:
         filename = f"{config or dataset.split('/')[-1]}.jsonl"
         path = _hub_file(dataset, filename, spec)
         name, source = filename[:-len(".jsonl")], f"raw lines of hub:{dataset}/{filename}"
-    lines = list(io.StringIO(_decode(path), newline=None))  # as text-mode open() iterates
+    lines = list(io.StringIO(read_text(path), newline=None))  # as text-mode open() iterates
     if not lines:
         raise DataError(path, "file is empty (no texts)")
     return lines, name, source
@@ -124,7 +115,7 @@ def _file_texts(path: Path) -> list[str]:
     if not path.is_file():
         raise WmdpError(f"{path}: corpus file not found")
     if path.suffix.lower() == ".txt":
-        return [line.rstrip("\n") for line in _decode(path).splitlines() if line.strip()]
+        return [line.rstrip("\n") for line in read_text(path).splitlines() if line.strip()]
     texts = []
     for lineno, rec in jsonl_records(path):
         if not isinstance(rec, dict) or "text" not in rec:
