@@ -115,7 +115,9 @@ def _digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[")  # a tqdm bar: "100%|###| 3/3 [00:01<...]"
+# a tqdm bar ("100%|###| 3/3 [00:01<...]") or wmdp.progress's plain line in a log
+# ("unlearn (rmu): 1/1 step (100%), 0:00:00 elapsed, 0:00:00 left")
+PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[|: \d+(/\d+)? \S+( \(\d+%\))?, \d+:\d\d:\d\d elapsed")
 
 
 def _error_lines(err: str) -> list[str]:

@@ -177,7 +177,9 @@ def cli_flags(parser: Any, cls: type, dest_prefix: str = "", skip: tuple[str, ..
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         text = comments.get(f.name, "").replace("%", "%%")
         kwargs: dict[str, Any] = dict(dest=dest_prefix + f.name, default=None,
-                                      help=f"{text} (default: {default!r})".lstrip())
+                                      help=(f"{text} (default: {default!r})" if default != ""
+                                            else f"{text} (required, unless a --preset or "
+                                                 "--config gives it)").lstrip())
         if _unwrap(tp) is bool:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="true|false")
         else:

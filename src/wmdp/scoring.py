@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.distributed import all_gather, rank_world
 from wmdp.errors import WmdpError

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.audit.common import AuditContext, Subject, interleaved, resolve_layers
 from wmdp.layers import read_layers

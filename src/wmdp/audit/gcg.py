@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.audit.common import AuditContext, Subject, recovery_entry
 from wmdp.data.mcq import MCQItem

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.audit.common import (AuditContext, Subject, batches_by_length, recovery_entry,
                                resolve_layers, right_padded, wilson_interval)

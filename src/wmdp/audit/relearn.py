@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.audit.common import (AuditContext, Subject, interleaved, recovery_entry,
                                task_accuracy)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.chat.questions import Question, temperature_for
 from wmdp.errors import WmdpError

@@ -16,7 +16,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.chat.backends import Judge, JudgmentCache
 from wmdp.chat.prompts import judge_messages, parse_rating

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.config import to_dict
 from wmdp.data.corpus import Corpus, load_corpus

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.errors import WmdpError
 from wmdp.unlearn.lm import LMMethod, check_positive, check_settings, mean_nll, presets
