@@ -126,6 +126,7 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        optimizer.zero_grad()  # free the gradients before the next step's forward
         row = {"step": idx, "topic": step.topic, "loss": value, **metrics,
                "seconds": round(time.perf_counter() - t0, 4)}
         history.append(row)
