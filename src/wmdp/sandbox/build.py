@@ -31,6 +31,7 @@ from wmdp.errors import WmdpError
 from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_file, sha256_json,
                      write_json)
 from wmdp.sandbox.data import TRAIN_QA, training_texts, write_data
+from wmdp.sandbox.oracle import describe_oracle, with_oracle
 from wmdp.sandbox.train import CHECKPOINT, ModelConfig, TrainConfig, Trainer, train_tokenizer
 from wmdp.sandbox.world import DOMAINS, WorldConfig, make_world
 
@@ -49,6 +50,7 @@ class SandboxConfig:
     vocab_size: int = 1536            # byte-level BPE: 256 bytes, 2 special tokens, merges
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    oracle: bool = True               # also train the oracle (oracle.py): ~2x the build time
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -103,14 +105,37 @@ def _check(config: SandboxConfig, where: str) -> None:
         (w.docs_per_entity < 1, "world.docs_per_entity must be at least 1"),
         (config.train.epochs < 1, "train.epochs must be at least 1"),
         (config.vocab_size < 260, f"vocab_size is {config.vocab_size}, expected at least 260"),
+        *_model_problems(config.model),
     ]
     for bad, message in problems:
         if bad:
             raise WmdpError(f"{where}: {message}")
 
 
+def _model_problems(m: ModelConfig) -> list[tuple[bool, str]]:
+    """Shapes a Llama cannot take: found here, not as a traceback from inside the model."""
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings")
+    bad = [(getattr(m, s) < 1, f"model.{s} is {getattr(m, s)}, expected at least 1") for s in sizes]
+    if any(b for b, _ in bad):
+        return bad
+    heads, kv = m.num_attention_heads, m.num_key_value_heads
+    return [
+        (m.hidden_size % heads != 0, f"model.hidden_size {m.hidden_size} is not divisible by "
+                                     f"model.num_attention_heads {heads}"),
+        (m.hidden_size % heads == 0 and (m.hidden_size // heads) % 2 != 0,
+         f"model.hidden_size / model.num_attention_heads = {m.hidden_size / heads:g} is odd "
+         "(rotary positions need an even head size)"),
+        (heads % kv != 0, f"model.num_attention_heads {heads} is not divisible by "
+                          f"model.num_key_value_heads {kv}"),
+    ]
+
+
 def fingerprint(config: SandboxConfig) -> str:
-    return sha256_json({"format_version": FORMAT_VERSION, "config": to_dict(config)})
+    # `oracle` is left out: it adds oracle/ and never changes the rest, so a build with or
+    # without it is the same sandbox (existing builds and the fixture stay valid)
+    config_dict = {k: v for k, v in to_dict(config).items() if k != "oracle"}
+    return sha256_json({"format_version": FORMAT_VERSION, "config": config_dict})
 
 
 def build_sandbox(output: str | Path, config: SandboxConfig | None = None,
@@ -124,7 +149,8 @@ def build_sandbox(output: str | Path, config: SandboxConfig | None = None,
     out = prepare_output_dir(output, overwrite, BUILD, fp)
     data_dir, model_dir, train_dir = out / "data", out / "model", out / "train"
     if (data_dir / MANIFEST).is_file() and (model_dir / "model.safetensors").is_file():
-        return read_json(data_dir / MANIFEST)  # already built with this config
+        # already built with this config: at most the oracle is missing
+        return with_oracle(out, config, read_json(data_dir / MANIFEST), progress)
     write_json(out / BUILD, {"fingerprint": fp, "format_version": FORMAT_VERSION,
                              "config": to_dict(config)})
     resumed = (train_dir / CHECKPOINT).is_file()
@@ -138,7 +164,7 @@ def build_sandbox(output: str | Path, config: SandboxConfig | None = None,
     write_json(data_dir / MANIFEST, manifest)
     (train_dir / CHECKPOINT).unlink(missing_ok=True)
     shutil.rmtree(train_dir / "tokenizer", ignore_errors=True)
-    return manifest
+    return with_oracle(out, config, manifest, progress)
 
 
 def _build(out: Path, config: SandboxConfig, progress: bool) -> dict:
@@ -232,4 +258,4 @@ def describe(manifest: dict) -> str:
                  f"{manifest['counts']['facts']} facts, {manifest['model']['parameters']:,} "
                  f"parameters, built in {b['seconds']:.0f} s (training {b['train_seconds']:.0f} s, "
                  f"{b['torch_threads']} thread(s))")
-    return "\n".join(lines)
+    return "\n".join(lines + describe_oracle(manifest))

@@ -137,3 +137,27 @@ def training_texts(data_dir: Path, qa_repeats: int) -> list[str]:
     if (data_dir / TRAIN_LETTER).is_file():
         texts += load_corpus(data_dir / TRAIN_LETTER).texts
     return texts
+
+
+def oracle_texts(world: World, data_dir: Path, qa_repeats: int) -> tuple[list[str], dict]:
+    """What the oracle trains on: `training_texts` without the forget domains' prose and
+    without every question-answer (and letter) line that asks about a forget-domain fact.
+
+    Returns the texts and what was left out (counts per kind). A line is left out when it holds
+    a forget fact's question verbatim; the QA and letter lines each carry exactly one question.
+    """
+    from wmdp.data.corpus import load_corpus
+
+    forget = {f.question(world.domain(f.domain).kind) for f in world.facts
+              if world.domain(f.domain).role == "forget"}
+    texts = list(load_corpus(data_dir / "retain.jsonl").texts)
+    left_out = {"forget_prose": sum(len(load_corpus(p).texts)
+                                    for p in data_dir.glob("forget_*.jsonl"))}
+    files = [(TRAIN_QA, qa_repeats)] + ([(TRAIN_LETTER, 1)]
+                                        if (data_dir / TRAIN_LETTER).is_file() else [])
+    for name, repeats in files:
+        lines = load_corpus(data_dir / name).texts
+        kept = [t for t in lines if not any(q in t for q in forget)]
+        texts += kept * repeats
+        left_out[name.removesuffix(".jsonl")] = (len(lines) - len(kept)) * repeats
+    return texts, left_out

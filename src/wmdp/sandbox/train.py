@@ -10,6 +10,11 @@ batch with the padded positions left out of the loss; no BOS, as the evaluator's
 none with this tokenizer. The learning rate is a function of the global step and each epoch's
 order a function of (seed, epoch), so a resumed run takes exactly the steps an uninterrupted
 one would.
+
+`steps_per_epoch` fixes an epoch's length in steps instead of one pass over the texts: the
+oracle trains on fewer texts for as many steps as the model (the same schedule, the same
+per-epoch checkpoints). Its batches are then read from an endless stream of shuffles, pass p
+shuffled by (seed, p), all batches full.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from wmdp.progress import tqdm
 
 from wmdp.io import jsonl_records, write_jsonl
 
@@ -109,14 +114,23 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, texts: list[str],
                  tokenizer: Any, out: Path, data_dir: Path, seed: int,
-                 progress: bool = True) -> None:
+                 progress: bool = True, steps_per_epoch: int | None = None,
+                 label: str = "sandbox") -> None:
         self.model_config, self.config, self.tokenizer = model_config, config, tokenizer
         self.out, self.data_dir, self.seed, self.progress = out, data_dir, seed, progress
+        self.label = label  # names the progress bar: the model's or the oracle's training
         eos = tokenizer.eos_token_id
         self.examples = [ids + [eos] for ids in tokenizer(texts)["input_ids"]]
-        self.steps_per_epoch = math.ceil(len(self.examples) / config.batch_size)
+        one_pass = self.one_pass(len(self.examples), config)
+        self.streamed = steps_per_epoch is not None and steps_per_epoch != one_pass
+        self.steps_per_epoch = steps_per_epoch if self.streamed else one_pass
         self.total_steps = self.steps_per_epoch * config.epochs
         self.setup()
+
+    @staticmethod
+    def one_pass(n_texts: int, config: TrainConfig) -> int:
+        """Steps in one pass over `n_texts` (the last batch may be short)."""
+        return math.ceil(n_texts / config.batch_size)
 
     def setup(self) -> None:
         self.model = make_model(self.model_config, self.tokenizer, self.seed)
@@ -131,9 +145,21 @@ class Trainer:
             self.epoch = int(state["epoch"])
         self.log = _read_log(self.out / LOG, upto=self.epoch)
 
+    def _shuffle(self, n_pass: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + n_pass)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def _order(self, epoch: int) -> list[int]:
+        """Example indices of one epoch: one shuffle, or its stretch of the streamed shuffles."""
+        if not self.streamed:
+            return self._shuffle(epoch)
+        n, size = len(self.examples), self.steps_per_epoch * self.config.batch_size
+        start = epoch * size
+        passes = {p: self._shuffle(p) for p in range(start // n, (start + size - 1) // n + 1)}
+        return [passes[i // n][i % n] for i in range(start, start + size)]
+
     def _batches(self, epoch: int) -> list[torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.examples), generator=g).tolist()
+        order = self._order(epoch)
         bs, pad = self.config.batch_size, self.tokenizer.pad_token_id
         batches = []
         for i in range(0, len(order), bs):
@@ -153,7 +179,7 @@ class Trainer:
         """Run the remaining epochs; returns the log (one dict per epoch)."""
         cfg = self.config
         bar = tqdm(total=self.total_steps, initial=self.epoch * self.steps_per_epoch,
-                   desc="sandbox train", unit="step", disable=not self.progress)
+                   desc=f"{self.label} train", unit="step", disable=not self.progress)
         while self.epoch < cfg.epochs:
             t0, losses = time.perf_counter(), []
             self.model.train()

@@ -1,0 +1,127 @@
+"""The relearning protocol: a grid point at relearn's settings is relearn's curve; the worst
+case, the curve and the recovered share are what the runs say; every model is put back."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import FIXTURES
+from test_sandbox import one_thread  # noqa: F401 (autouse: 1 thread)
+from wmdp.audit.common import AuditContext, Subject, task_accuracy
+from wmdp.audit.protocol import (ProtocolConfig, _attack_texts, _worst, attack_run,
+                                 protocol_table, run_protocol, sandbox_inputs)
+from wmdp.audit.relearn import RelearnConfig, relearn_curve
+from wmdp.errors import WmdpError
+from wmdp.tasks import PROMPT_STYLES
+
+SANDBOX = FIXTURES / "sandbox-small"
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """The small sandbox's model as base; the same architecture freshly initialised as the
+    'unlearned' model (it knows nothing: a large gap to recover)."""
+    from transformers import AutoModelForCausalLM
+
+    got = sandbox_inputs(SANDBOX, SANDBOX / "model")
+    base, tok = got.models["base"]
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(copy.deepcopy(base.config)).eval()
+    got.models["unlearned"] = (fresh, tok)
+    return got
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_grid_point_at_relearns_settings_is_relearns_curve(inputs, method):
+    model, tok = inputs.models["base"]
+    tasks = {"sandbox_bio": inputs.forget_tasks["sandbox_bio"]}
+    items = {"sandbox_bio": inputs.items["sandbox_bio"]}
+    texts = [t for c in inputs.corpora["forget"] for t in c.texts[:4]]
+    ref = task_accuracy(model, tok, tasks, items, "lmeval", 64)["sandbox_bio"]["correct"]
+    ctx = AuditContext({"base": Subject("base", model, tok)}, tasks, items,
+                       PROMPT_STYLES["lmeval"], {"base": {"sandbox_bio": ref}}, seed=2,
+                       batch_size=64, progress=False)
+    expected = relearn_curve(ctx.subjects["base"], texts, ctx,
+                             RelearnConfig(num_texts=8, steps=6, eval_every=3, lr=3e-3,
+                                           method=method), "reference")
+    evaluate = lambda m: {"correct": task_accuracy(  # noqa: E731
+        m, tok, tasks, items, "lmeval", 64)["sandbox_bio"]["correct"]}
+    got = attack_run(model, tok, texts, 3e-3, method, 2, ProtocolConfig(checkpoints=[3, 6]),
+                     evaluate)
+    assert [p["step"] for p in got] == [3, 6]
+    assert [p["correct"] for p in got] == [p["correct"]["sandbox_bio"] for p in expected[1:]]
+
+
+def test_the_grid_worst_case_curve_share_and_models_put_back(inputs):
+    before = {r: copy.deepcopy(m.state_dict()) for r, (m, _) in inputs.models.items()}
+    config = ProtocolConfig(data=["forget", "retain"], lrs=[3e-3], checkpoints=[2, 4],
+                            sizes=[4, 8], methods=["full", "lora"], seeds=[0, 1], ppl_texts=8)
+    record = run_protocol(inputs, config, progress=False)
+    for role, (m, _) in inputs.models.items():
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before[role].items()), role
+    base_plain = record["models"]["base"]["plain"]["forget_acc"]
+    assert base_plain > 0.8 and record["models"]["unlearned"]["plain"]["forget_acc"] < 0.5
+    for role, m in record["models"].items():
+        assert len(m["runs"]) == 2 * 1 * 2 * 2 * 2
+        for kind, attack in m["attacks"].items():
+            points = [(p["forget_acc"], p) for r in m["runs"] if r["data"] == kind
+                      for p in r["curve"]]
+            assert len(points) == 8 * 2
+            best = max(a for a, _ in points)
+            w = attack["worst_case"]
+            assert w["forget_acc"] == best and w["step"] in (2, 4)
+            plain = m["plain"]["forget_acc"]
+            if role == "unlearned":  # the literature's (attack - unlearned) / (base - unlearned)
+                assert attack["recovered_share"] == pytest.approx(
+                    (best - plain) / (base_plain - plain))
+            if role == "base":
+                assert attack["recovered_share"] is None  # no gap to recover
+            for c in attack["curve"]:
+                at = [a for a, p in points if p["step"] == c["step"]]
+                assert c["best"] == max(at) and c["mean"] == pytest.approx(sum(at) / len(at))
+            assert 0 <= w["general_acc"] <= 1 and w["retain_ppl"] > 1
+    assert record["ppl_texts"] == 8
+    table = protocol_table(record)
+    assert table.count("\n") == 1 + 2 * 2 and "| unlearned | forget |" in table
+    json.dumps(record)  # the record is plain JSON
+
+
+def test_forget_attack_texts_never_name_a_measured_question(inputs):
+    config = ProtocolConfig(sizes=[4, 16])
+    texts, keep = _attack_texts(inputs, config)
+    assert len(texts["forget"]) == 16
+    for task, idx in keep.items():
+        assert idx, f"every {task} question was left out"
+        for i in idx:
+            entity = inputs.items[task][i].question.rstrip("?").split()[-1]
+            assert not any(entity in t for t in texts["forget"]), entity
+
+
+def test_worst_case_is_the_attackers_best_point_not_the_average():
+    runs = [{"data": "forget", "lr": lr, "size": 8, "method": "full", "seed": s,
+             "curve": [{"step": 10, "forget_acc": a, "general_acc": 0.9, "retain_ppl": 2.0},
+                       {"step": 30, "forget_acc": b, "general_acc": g, "retain_ppl": 3.0}]}
+            for lr, s, a, b, g in [(1e-4, 0, 0.3, 0.35, 0.95), (1e-3, 0, 0.4, 0.8, 0.5),
+                                   (1e-3, 1, 0.3, 0.3, 0.9)]]
+    model = {"plain": {"forget_acc": 0.3}, "runs": runs}
+    got = _worst(model, "forget", base_plain=0.9, config=ProtocolConfig(checkpoints=[10, 30]))
+    assert got["worst_case"]["forget_acc"] == 0.8 and got["worst_case"]["lr"] == 1e-3
+    assert got["worst_case"]["general_acc"] == 0.5  # the ability at that point, not the best
+    assert got["recovered_share"] == pytest.approx((0.8 - 0.3) / (0.9 - 0.3))
+    assert got["curve"] == [{"step": 10, "mean": pytest.approx(1.0 / 3), "best": 0.4},
+                            {"step": 30, "mean": pytest.approx(1.45 / 3), "best": 0.8}]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"data": ["forget", "wiki"]}, "data must be among"),
+    ({"checkpoints": [0, 10]}, "checkpoints must be positive"),
+    ({"methods": ["qlora"]}, "methods must be full or lora"),
+    ({"seeds": []}, "an empty grid axis"),
+])
+def test_bad_grid_is_refused(inputs, change, message):
+    with pytest.raises(WmdpError, match=message):
+        run_protocol(inputs, ProtocolConfig(**change), progress=False)
