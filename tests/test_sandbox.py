@@ -212,7 +212,8 @@ def test_rebuilding_the_small_preset_reproduces_the_fixture(tmp_path):
     across CPUs and thread counts: 2.4% was seen on another machine of the same kind) and every
     task's accuracy within 5 points. Weights are not compared: CPU training is not
     bit-reproducible across processors."""
-    manifest = build_sandbox(tmp_path / "sb", sandbox_config("small", 0), progress=False)
+    cfg = sandbox_config("small", 0, overrides=["oracle=false"])  # the fixture has no oracle
+    manifest = build_sandbox(tmp_path / "sb", cfg, progress=False)
     assert _files(tmp_path / "sb" / "data") == _files(FIXTURE / "data")
     assert (tmp_path / "sb" / "model" / "tokenizer.json").read_bytes() == \
         (FIXTURE / "model" / "tokenizer.json").read_bytes()

@@ -41,6 +41,7 @@ class SandboxSection:
     seed: int = 0                     # the world's and the training seed
     cache_dir: str | None = None      # where builds are kept; default ~/.cache/wmdp/sandbox
     overrides: list[str] = field(default_factory=list)  # key=value settings over the preset
+    oracle: bool = False              # also train the oracle (no forget domains) beside it
 
 
 @dataclass
@@ -135,7 +136,8 @@ def sandbox_location(section: SandboxSection) -> tuple[Any, Path]:
     seed and the config's fingerprint, so another setting never reuses a build)."""
     from wmdp.sandbox.build import fingerprint, sandbox_config
 
-    cfg = sandbox_config(section.preset, section.seed, None, section.overrides)
+    cfg = sandbox_config(section.preset, section.seed, None,
+                         [f"oracle={str(section.oracle).lower()}", *section.overrides])
     name = f"{section.preset}-seed{section.seed}-{fingerprint(cfg)[:10]}"
     return cfg, sandbox_cache_dir(section) / name
 
