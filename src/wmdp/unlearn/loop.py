@@ -126,7 +126,6 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad()  # free the gradients before the next step's forward
         row = {"step": idx, "topic": step.topic, "loss": value, **metrics,
                "seconds": round(time.perf_counter() - t0, 4)}
         history.append(row)
@@ -140,6 +139,7 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
         if ckpt is not None and checkpoint_every and (idx + 1) % checkpoint_every == 0 \
                 and idx + 1 < len(schedule):
             _save_checkpoint(ckpt, idx + 1, method, optimizer)
+        optimizer.zero_grad()  # free this step's gradients before the next forward
     bar.close()
     optimizer.zero_grad()
     check_model_finite(model, tokenizer, method.tensors, schedule)
