@@ -3,12 +3,14 @@ evaluation, unlearning and the sandbox build, each in a fresh process.
 
     .venv/bin/python benchmarks/threads.py                   # ~6 min on 2 cores
     .venv/bin/python benchmarks/threads.py --counts default,1,2,4
+    .venv/bin/python benchmarks/threads.py --busy 1        # a shared machine: one core kept busy
 
 Uses the small sandbox fixture (tests/fixtures/sandbox-small): `wmdp eval` of two held-out task
 groups, `wmdp unlearn rmu --preset sandbox` (360 steps), and `wmdp sandbox build --preset small
 --no-oracle` cut to 10 epochs. Each run sets OMP_NUM_THREADS (and torch.set_num_threads through
 it) or leaves both unset for torch's default, and reports wall-clock seconds and the ratio to
-the fastest setting of the same job. Writes JSON to --output.
+the fastest setting of the same job. `--busy N` keeps N other processes spinning meanwhile (a
+shared machine, where oversubscribed threads wait on each other). Writes JSON to --output.
 """
 
 from __future__ import annotations
@@ -60,8 +62,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", default=f"default,1,{os.cpu_count()}")
+    p.add_argument("--busy", type=int, default=0, help="other processes spinning meanwhile")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "threads.json"))
     args = p.parse_args()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(args.busy)]
+    try:
+        return measure(args)
+    finally:
+        for proc in spinners:
+            proc.kill()
+
+
+def measure(args: argparse.Namespace) -> int:
     counts = list(dict.fromkeys(args.counts.split(",")))
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +83,8 @@ def main() -> int:
             out_dir = Path(argv[argv.index("--output") + 1])
             results[name] = {c: round(run(argv, c, out_dir), 1) for c in counts}
             print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-    print(f"{os.cpu_count()} CPUs; wall-clock seconds (ratio to the fastest for that job)")
+    print(f"{os.cpu_count()} CPUs, {args.busy} other busy processes; wall-clock seconds "
+          "(ratio to the fastest for that job)")
     print("| job | " + " | ".join(f"threads={c}" for c in counts) + " |")
     print("|---|" + "---:|" * len(counts))
     for name, row in results.items():
@@ -78,8 +92,8 @@ def main() -> int:
         print(f"| {name} | " + " | ".join(f"{row[c]:.1f} ({row[c] / best:.2f}x)" for c in counts)
               + " |")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"cpus": os.cpu_count(), "seconds": results},
-                                            indent=2))
+    Path(args.output).write_text(json.dumps({"cpus": os.cpu_count(), "busy": args.busy,
+                                             "seconds": results}, indent=2))
     return 0
 
 

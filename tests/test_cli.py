@@ -168,3 +168,17 @@ def test_read_text_names_the_line_of_a_bad_byte(tmp_path):
     j.write_bytes(b'{\n "a": "\xff"}')
     with pytest.raises(DataError, match=r"x.json line 2: not UTF-8 text \(byte 0xff\)"):
         read_json(j)
+
+
+def test_default_threads_one_on_two_cpus_unless_set():
+    from wmdp.cli import default_threads
+
+    env: dict = {}
+    default_threads(env, cpus=2)
+    assert env == {"OMP_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "4"}
+    default_threads(env, cpus=2)
+    assert env == {"OMP_NUM_THREADS": "4"}  # the user's choice wins
+    env = {}
+    default_threads(env, cpus=16)
+    assert env == {}  # torch's default on a larger machine
