@@ -112,3 +112,16 @@ def gpt2_tiny(models_dir) -> Path:
 @pytest.fixture
 def mcq_file(tmp_path) -> Path:
     return write_mcq_jsonl(tmp_path / "q.jsonl", 40)
+
+
+def interrupt_loss_at(monkeypatch, cls, step_idx: int) -> None:
+    """Make `cls.loss` raise KeyboardInterrupt at step `step_idx` (a run stopped by the user),
+    as resume tests need; monkeypatch restores it."""
+    real = cls.loss
+
+    def interrupted(self, step):
+        if step.idx == step_idx:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(cls, "loss", interrupted)

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from conftest import interrupt_loss_at
 from test_baselines import FORGET_WORDS, MAXLEN, RETAIN_WORDS, char_model, texts  # noqa: F401
 from wmdp.unlearn.registry import METHODS as REGISTRY
 from wmdp.unlearn.ssd import SSD
@@ -83,13 +84,7 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, char_model, mo
     args = ("--lr", "1e-3", "--set", "checkpoint_every=2")
     assert _run(method, char_model, tmp_path / "whole", files, *args) == 0
     real = cls.loss
-
-    def interrupted(self, step):
-        if step.idx == 3:
-            raise KeyboardInterrupt
-        return real(self, step)
-
-    monkeypatch.setattr(cls, "loss", interrupted)
+    interrupt_loss_at(monkeypatch, cls, 3)
     assert _run(method, char_model, tmp_path / "resumed", files, *args) == 130
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     computed = []

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import interrupt_loss_at
 from test_baselines import FORGET_WORDS, RETAIN_WORDS, char_model, texts  # noqa: F401
 from wmdp.data.corpus import Corpus
 from wmdp.unlearn.batches import TopicBatches, tokenize, training_tokenizer
@@ -310,13 +311,7 @@ def test_sandbox_preset_runs_end_to_end_and_resumes(tmp_path, monkeypatch, metho
     assert _cli(method, model, tmp_path / "whole", data) == 0
     cls = METHODS[method][0]
     real = cls.loss
-
-    def interrupted(self, step):
-        if step.idx == 3:
-            raise KeyboardInterrupt
-        return real(self, step)
-
-    monkeypatch.setattr(cls, "loss", interrupted)
+    interrupt_loss_at(monkeypatch, cls, 3)
     assert _cli(method, model, tmp_path / "resumed", data) == 130
     computed = []
 

@@ -250,7 +250,8 @@ def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
     fingerprint = config.fingerprint(method.name, hparams)
     out = prepare_output_dir(Path(config.output).resolve(), overwrite, RUN_RECORD, fingerprint,
                              inputs=[("--model", source)] + [
-                                 ("corpus", c.removeprefix("raw:")) for c in config.forget_corpora + config.retain_corpora])
+                                 ("corpus", c.removeprefix("raw:"))
+                                 for c in config.forget_corpora + config.retain_corpora])
     if (out / FINAL_RECORD).is_file():
         print(f"wmdp: {out} holds this exact finished run; nothing to do", file=sys.stderr)
         return out
