@@ -127,9 +127,9 @@ def test_equals_the_reference_procedure_on_padded_batches(tmp_path, tokenizer_ki
     state = record["method_state"]
     assert (state["padding_side"], state["pad_token"], state["position_ids"]) == \
         ("left", "</s>", "default")
-    check = record["tokenizer"]["sentencepiece_check"]
-    if isinstance(check, dict):  # texts with a leading space split unlike sentencepiece here
-        assert check["retain[0]"]["differ"] > 0 and check["retain[0]"]["texts"] == 40
+    check = record["tokenizer"]["sentencepiece_check"]  # sentencepiece is a dev dependency
+    # texts with a leading space (every fifth) split unlike sentencepiece under legacy: false
+    assert check["retain[0]"]["texts"] == 40 and check["retain[0]"]["differ"] > 0
 
 
 def test_padding_on_the_tokenizers_side_equals_the_reference_without_its_left(tmp_path):
