@@ -145,3 +145,71 @@ def test_sandbox_path_prints_the_cached_build_and_builds_nothing(tmp_path, capsy
     assert capsys.readouterr().out == f"{where}\n"
     code, err = run_cli(["sandbox", "path", "--preset", "small", "--seed", "1"], capsys)
     assert code == 2 and "seed 1" in err
+
+
+MODEL_CONFIGS = ("wmdp.evaluate:EvalConfig", "wmdp.chat.run:ChatEvalConfig",
+                 "wmdp.unlearn.loop:UnlearnConfig", "wmdp.audit.run:AuditConfig",
+                 "wmdp.pipeline:RunConfig")
+
+
+def _config_class(spec: str) -> type:
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("spec", MODEL_CONFIGS)
+def test_every_config_takes_its_model_fields_from_one_spec(spec):
+    """The five configs share ModelSpec's fields: the same names, defaults (but `model`, which
+    eval and chat default to "<in-memory>" and a run to the sandbox's), and flag help."""
+    import argparse
+    import dataclasses
+
+    from wmdp.config import cli_flags
+    from wmdp.model_spec import ModelSpec
+
+    cls = _config_class(spec)
+    assert issubclass(cls, ModelSpec)
+    own = {f.name: f.default for f in dataclasses.fields(cls)}
+    shared = [f for f in dataclasses.fields(ModelSpec) if f.name != "model"]
+    assert {f.name: own[f.name] for f in shared} == {f.name: f.default for f in shared}
+    helps = {}
+    for klass in (ModelSpec, cls):
+        parser = argparse.ArgumentParser()
+        cli_flags(parser, klass)
+        helps[klass] = {a.dest: a.help for a in parser._actions if a.dest in own}
+    redefined = set(cls.__dict__.get("__annotations__", {}))  # audit: "of the unlearned model"
+    for f in shared:  # the help of an inherited field is the spec's comment, not empty
+        if f.name not in redefined:
+            assert helps[cls][f.name] == helps[ModelSpec][f.name]
+        assert len(helps[cls][f.name]) > len("(default: None)") + 5
+
+
+def test_the_run_model_fields_reach_every_stage(tmp_path, monkeypatch):
+    """A run's dtype, device_map and trust_remote_code reach the evaluation, unlearning, audit
+    and chat settings (before: chat was given dtype and device only); the revision pins the
+    base model only."""
+    import wmdp.evaluate
+
+    cfg = load_run_config(None, [f"output={tmp_path / 'run'}", "dtype=bfloat16",
+                                 "trust_remote_code=true", "device_map=auto", "revision=abc",
+                                 "chat.settings={judge: 'openai:gpt-4o'}"])
+    pipe = Pipeline(cfg, create=False)
+    pipe.sandbox_dir = tmp_path / "sandbox"
+    want = {"dtype": "bfloat16", "trust_remote_code": True, "device_map": "auto"}
+    seen = []
+    monkeypatch.setattr(wmdp.evaluate, "run_eval", lambda config, *a, **k: seen.append(config))
+    pipe.evaluate("base-dir", "eval_base")
+    pipe.evaluate("unlearned-dir", "eval_unlearned")
+    _, _, unlearn = pipe.unlearn_settings()
+    audit = pipe.audit_settings(tasks=["sandbox_bio"])
+    import wmdp.chat.run
+
+    chats = []
+    monkeypatch.setattr(wmdp.chat.run, "run_chat_eval", lambda c, *a, **k: chats.append(c))
+    pipe.chat()
+    for config in (*seen, unlearn, audit, *chats):
+        assert {k: getattr(config, k) for k in want} == want, type(config).__name__
+    assert [c.revision for c in seen] == ["abc", None] == [c.revision for c in chats]
+    assert unlearn.revision == "abc" and audit.base_revision == "abc" and audit.revision is None

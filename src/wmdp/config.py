@@ -192,12 +192,17 @@ def field_comments(cls: type) -> dict[str, str]:
     import inspect
     import re
 
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip()
-            for m in re.finditer(r"^\s+(\w+):[^\n#]*#\s*(.+)$", source, re.MULTILINE)}
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins (ModelSpec's fields)
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        out.update({m.group(1): m.group(2).strip() for m in
+                    re.finditer(r"^\s+(\w+):[^\n#]*#\s*(.+)$", source, re.MULTILINE)})
+    return out
 
 
 def _unwrap(tp: Any) -> Any:

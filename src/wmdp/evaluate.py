@@ -35,7 +35,8 @@ from wmdp.distributed import barrier, is_main, rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json, write_json,
                      write_jsonl)
-from wmdp.models import check_model_source, load_model
+from wmdp.model_spec import ModelSpec
+from wmdp.models import check_model_source
 from wmdp.perplexity import DETOKENIZERS, perplexity_metrics, score_texts
 from wmdp.scoring import Request, loglikelihoods
 from wmdp.tasks import PROMPT_STYLES, PromptStyle, Registry, Task, build_prompt
@@ -151,14 +152,11 @@ def aggregate_groups(results: dict[str, dict], groups: dict[str, list[str]]) -> 
 
 
 @dataclass
-class EvalConfig:
-    """Everything that can change a number, recorded in results.json."""
+class EvalConfig(ModelSpec):
+    """Everything that can change a number, recorded in results.json (the model fields are
+    ModelSpec's)."""
 
-    model: str = "<in-memory>"
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
+    model: str = "<in-memory>"      # hub id or local directory ("<in-memory>": passed in code)
     batch_size: int | str = "auto"
     max_length: int | None = None   # context length; None: the model's (lm-eval's default)
     prompt_style: str = "lmeval"
@@ -167,7 +165,6 @@ class EvalConfig:
     data_dir: str | None = None
     task_files: dict[str, str] = field(default_factory=dict)
     data_revision: str | None = None  # hub question sets read at this revision (None: main)
-    trust_remote_code: bool = False
     seed: int = 1234                # scoring is deterministic; recorded for completeness
 
     def fingerprint(self) -> str:
@@ -355,9 +352,7 @@ def run_eval(config: EvalConfig, tasks: list[str], output: str | Path,
         if is_main() and not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
-                                  device=config.device, device_map=config.device_map,
-                                  trust_remote_code=config.trust_remote_code)
+    model, tokenizer = config.load()
     return evaluate_model(model, tokenizer, tasks, registry, config=config, output=out,
                           progress=progress, items={n: d for n, (d, _) in loaded.items()},
                           provenance={n: r for n, (_, r) in loaded.items()})

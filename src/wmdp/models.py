@@ -1,6 +1,7 @@
 """The one loader for models and tokenizers, and the tensors of a model named by role.
 
     model, tokenizer = load_model("HuggingFaceH4/zephyr-7b-beta", dtype="bfloat16")
+    model, tokenizer = ModelSpec("HuggingFaceH4/zephyr-7b-beta", dtype="bfloat16").load()
     layers = decoder_layers(model)                      # nn.ModuleList of decoder blocks
     t = mlp_out_tensor(model, 7)                        # the MLP down-projection of layer 7
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from wmdp.errors import WmdpError
+from wmdp.model_spec import ModelSpec  # noqa: F401 - re-exported: the configs' model part
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float32": torch.float32}

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from wmdp.config import check_keys, load_config, schema, to_dict, unknown_name
 from wmdp.errors import WmdpError
 from wmdp.io import library_versions, prepare_output_dir, read_json, sha256_json, write_json
+from wmdp.model_spec import ModelSpec
 
 RUN_RECORD = "run.json"
 STAGES = "stages.json"
@@ -82,14 +83,11 @@ class ChatSection:
 
 
 @dataclass
-class RunConfig:
-    output: str = "runs/sandbox"      # the run directory
+class RunConfig(ModelSpec):
+    """A whole run; the model fields are ModelSpec's (and reach every stage)."""
+
     model: str | None = None          # hub id or directory; a sandbox run uses the sandbox's
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    trust_remote_code: bool = False
+    output: str = "runs/sandbox"      # the run directory
     sandbox: SandboxSection | None = None
     eval: EvalSection = field(default_factory=EvalSection)
     unlearn: UnlearnSection = field(default_factory=UnlearnSection)
@@ -249,13 +247,17 @@ class Pipeline:
     def evaluate(self, model: str, stage: str) -> None:
         from wmdp.evaluate import EvalConfig, run_eval
 
-        c, e = self.config, self.config.eval
-        config = EvalConfig(model=model, revision=c.revision if stage == "eval_base" else None,
-                            dtype=c.dtype, device=c.device, device_map=c.device_map,
+        e = self.config.eval
+        revision = self.config.revision if stage == "eval_base" else None
+        config = EvalConfig(**self.model_fields(model, revision),
                             batch_size=e.batch_size, prompt_style=e.prompt_style, format=e.format,
-                            limit=e.limit, data_dir=self.data_dir(), task_files=self._task_files(),
-                            trust_remote_code=c.trust_remote_code)
+                            limit=e.limit, data_dir=self.data_dir(), task_files=self._task_files())
         run_eval(config, e.tasks, self.dir / stage, progress=self.progress)
+
+    def model_fields(self, model: str, revision: str | None) -> dict[str, Any]:
+        """The run's model settings (ModelSpec's fields) for `model` at `revision`: every stage
+        loads with the same dtype, device, device_map and trust_remote_code."""
+        return to_dict(self.config.model_spec(model=model, revision=revision))
 
     def unlearn_settings(self) -> tuple[Any, Any, Any]:
         from wmdp.unlearn import resolve
@@ -264,9 +266,8 @@ class Pipeline:
         check_unlearn_keys(u)
         settings = dict(u.settings)
         method_section = settings.pop(u.method, None)
-        flags = {"model": self.base_model(), "output": str(self.dir / "unlearned"),
-                 "revision": c.revision, "dtype": c.dtype, "device": c.device,
-                 "device_map": c.device_map, "trust_remote_code": c.trust_remote_code}
+        flags = {**self.model_fields(self.base_model(), c.revision),
+                 "output": str(self.dir / "unlearned")}
         if self.sandbox_dir is not None:
             data = self.sandbox_dir / "data"
             flags["forget_corpora"] = [str(data / "forget_bio.jsonl"), str(data / "forget_cyber.jsonl")]
@@ -305,9 +306,9 @@ class Pipeline:
                     "retain_corpora": list(dict.fromkeys(unlearn.retain_corpora)),
                     "min_len": unlearn.min_len, "data_dir": self.data_dir(),
                     "task_files": self._task_files(), "prompt_style": e.prompt_style,
-                    "format": e.format, "base_revision": c.revision, "dtype": c.dtype,
-                    "device": c.device, "device_map": c.device_map,
-                    "trust_remote_code": c.trust_remote_code, **a.settings}
+                    "format": e.format, "base_revision": c.revision,
+                    **{k: v for k, v in self.model_fields("", None).items()
+                       if k not in ("model", "revision")}, **a.settings}
         return audit_config(preset=a.preset, settings=settings)
 
     def _leaf_tasks(self) -> set[str]:
@@ -320,8 +321,9 @@ class Pipeline:
         from wmdp.chat.run import chat_config, run_chat_eval
 
         for label, model in (("base", self.base_model()), ("unlearned", str(self.dir / "unlearned"))):
-            cfg = chat_config({**self.config.chat.settings, "model": model,
-                               "dtype": self.config.dtype, "device": self.config.device})
+            revision = self.config.revision if label == "base" else None
+            cfg = chat_config({**self.config.chat.settings,
+                               **self.model_fields(model, revision)})
             run_chat_eval(cfg, self.dir / f"chat_{label}", progress=self.progress)
 
     def report(self) -> None:

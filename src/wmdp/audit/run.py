@@ -33,7 +33,8 @@ from wmdp.config import apply_overrides, from_dict, load_yaml, to_dict
 from wmdp.data.corpus import load_corpus
 from wmdp.errors import WmdpError
 from wmdp.io import library_versions, prepare_output_dir, read_json, sha256_json, write_json
-from wmdp.models import check_model_source, load_model
+from wmdp.model_spec import ModelSpec
+from wmdp.models import check_model_source
 from wmdp.tasks import PROMPT_STYLES, Registry
 
 AUDIT = "audit.json"
@@ -57,8 +58,10 @@ audit.json
 
 
 @dataclass
-class AuditConfig:
-    """Everything that can change an audit's numbers; defaults suit the sandbox on a CPU."""
+class AuditConfig(ModelSpec):
+    """Everything that can change an audit's numbers; defaults suit the sandbox on a CPU. The
+    model fields are ModelSpec's (`model`, `revision`: the unlearned model; `base` has its own
+    source and revision, loaded with the same dtype and device)."""
 
     model: str = ""                   # the unlearned model: hub id or local directory
     base: str = ""                    # the model before unlearning
@@ -75,11 +78,7 @@ class AuditConfig:
     limit: int | None = None          # first N questions of each task
     batch_size: int | str = "auto"    # rows per forward when scoring
     revision: str | None = None       # of the unlearned model
-    base_revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    trust_remote_code: bool = False
+    base_revision: str | None = None  # of the base model
     seed: int = 0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     relearn: RelearnConfig = field(default_factory=RelearnConfig)
@@ -162,9 +161,7 @@ def _load_tasks(config: AuditConfig) -> tuple[dict, dict]:
 
 
 def _load_models(config: AuditConfig) -> dict[str, tuple[Any, Any]]:
-    return {role: load_model(source, revision=rev, dtype=config.dtype, device=config.device,
-                             device_map=config.device_map,
-                             trust_remote_code=config.trust_remote_code)
+    return {role: config.model_spec(model=source, revision=rev).load()
             for role, source, rev in (("base", config.base, config.base_revision),
                                       ("unlearned", config.model, config.revision))}
 

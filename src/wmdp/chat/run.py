@@ -37,6 +37,7 @@ from wmdp.config import from_dict, to_dict
 from wmdp.errors import DataError, WmdpError
 from wmdp.io import (jsonl_records, library_versions, prepare_output_dir, read_json, sha256_json,
                      write_json, write_jsonl)
+from wmdp.model_spec import ModelSpec
 from wmdp.models import check_model_source, load_model, load_tokenizer
 
 ANSWERS, JUDGMENTS, JUDGE_CACHE, CHAT_RESULTS = (
@@ -44,15 +45,11 @@ ANSWERS, JUDGMENTS, JUDGE_CACHE, CHAT_RESULTS = (
 
 
 @dataclass
-class ChatEvalConfig:
-    """Everything that can change an answer or a score, recorded in chat_results.json."""
+class ChatEvalConfig(ModelSpec):
+    """Everything that can change an answer or a score, recorded in chat_results.json (the
+    model fields are ModelSpec's)."""
 
-    model: str = "<in-memory>"
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    trust_remote_code: bool = False
+    model: str = "<in-memory>"         # hub id or local directory ("<in-memory>": passed in code)
     questions: str | None = None       # MT-Bench-layout JSONL; None: the bundled default set
     references: str | None = None      # reference answers (MT-Bench's reference_answer layout)
     limit: int | None = None           # first N questions
@@ -220,9 +217,7 @@ def _answer(config: ChatEvalConfig, questions: list[Question], answers: dict[Any
     """Generate the missing answers, saving each batch as it finishes; the generation record."""
     loaded = model is None
     if loaded:
-        model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
-                                      device=config.device, device_map=config.device_map,
-                                      trust_remote_code=config.trust_remote_code)
+        model, tokenizer = config.load()
     t0 = time.perf_counter()
 
     def save(records: list[dict]) -> None:

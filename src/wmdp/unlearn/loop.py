@@ -26,7 +26,8 @@ from wmdp.data.corpus import Corpus, load_corpus
 from wmdp.errors import WmdpError
 from wmdp.io import (atomic_write_text, library_versions, prepare_output_dir, sha256_json,
                      write_json)
-from wmdp.models import TrainedTensor, check_model_source, input_device, load_model
+from wmdp.model_spec import ModelSpec
+from wmdp.models import TrainedTensor, check_model_source, input_device
 from wmdp.layers import forward_to_layer
 from wmdp.unlearn.batches import Step, TopicBatches, tokenize, training_tokenizer
 from wmdp.unlearn.tokenizer_check import tokenizer_record
@@ -37,10 +38,10 @@ CHECKPOINT = "checkpoints/last.pt"
 
 
 @dataclass
-class UnlearnConfig:
-    """Settings every method shares. Method hyperparameters live in the method's own config."""
+class UnlearnConfig(ModelSpec):
+    """Settings every method shares (the model fields are ModelSpec's). Method hyperparameters
+    live in the method's own config."""
 
-    model: str = ""                   # hub id or local directory; never written to
     output: str = ""                  # the unlearned model's directory
     forget_corpora: list[str] = field(default_factory=list)  # one per hazard topic
     retain_corpora: list[str] = field(default_factory=list)  # one per forget corpus
@@ -49,11 +50,6 @@ class UnlearnConfig:
     epochs: int = 1                   # passes over the schedule (the reference runs one)
     min_len: int = 0                  # texts of at most this many characters are dropped
     seed: int = 42
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    trust_remote_code: bool = False
     checkpoint_every: int = 50        # steps between checkpoints (0: never)
     load: str = "auto"                # auto: only the blocks RMU runs (prefix) where that
                                       # applies, else the whole model; or prefix, full
@@ -303,26 +299,16 @@ LOAD_PATHS = ("auto", "prefix", "full")
 def _load(method: Method, config: UnlearnConfig) -> tuple[nn.Module, Any, Any, dict]:
     """The whole model, or only the blocks the method runs (`method.prefix_layer()`: RMU's
     layer_id), as `config.load` asks; returns (model, tokenizer, prefix plan or None, record)."""
-    from wmdp.prefix import load_prefix, local_snapshot, prefix_unavailable
-
     if config.load not in LOAD_PATHS:
         raise WmdpError(f"load {config.load!r} is not one of {', '.join(LOAD_PATHS)}")
     layer = getattr(method, "prefix_layer", lambda: None)()
-    why = ("load=full asked" if config.load == "full" else
-           "the method runs the whole model" if layer is None else
-           "device_map shards the whole model" if config.device_map else None)
-    if why is None:
-        why = prefix_unavailable(local_snapshot(config.model, config.revision), layer)
+    why = "load=full asked" if config.load == "full" else config.prefix_unavailable(layer)
     if why is not None and config.load == "prefix":
         raise WmdpError(f"load=prefix cannot be used: {why}")
     if why is None:
-        model, tokenizer, plan = load_prefix(config.model, layer, revision=config.revision,
-                                             dtype=config.dtype, device=config.device,
-                                             trust_remote_code=config.trust_remote_code)
+        model, tokenizer, plan = config.load_prefix(layer)
         return model, tokenizer, plan, plan.record()
-    model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype,
-                                  device=config.device, device_map=config.device_map,
-                                  trust_remote_code=config.trust_remote_code)
+    model, tokenizer = config.load()
     return model, tokenizer, None, {"path": "full", "why": why}
 
 
