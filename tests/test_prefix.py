@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 
 import pytest
 import torch
@@ -120,3 +121,34 @@ def test_auto_picks_prefix_for_rmu_and_full_where_it_cannot(tmp_path):
     assert _unlearn(path, tmp_path / "b", files, "auto", "--layer-ids", "1,3") == 0
     rec = json.loads((tmp_path / "b" / "unlearn_config.json").read_text())["load"]
     assert rec == {"path": "full", "why": "the method runs the whole model"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_prefix_in_another_dtype_equals_full_load(tmp_path, arch):
+    """The converting read (float32 shards loaded as bfloat16; Mixtral's experts fused straight
+    into a bfloat16 tensor) gives each tensor the full loader gives it, bit for bit."""
+    from wmdp.prefix import load_prefix
+
+    path = _sharded_model(tmp_path, arch, MISTRAL_TOK)
+    prefix, _, plan = load_prefix(str(path), 1, dtype="bfloat16", device="cpu")
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).state_dict()
+    got = prefix.state_dict()
+    assert plan.loaded and all(got[n].dtype == torch.bfloat16 for n in plan.loaded)
+    assert all(torch.equal(got[n], full[n]) for n in plan.loaded)
+
+
+def test_read_tensor_maps_aligned_bytes_and_reads_misaligned(tmp_path):
+    from wmdp.prefix import map_shard, read_tensor
+
+    values = [1.5, -2.25, 2.0 ** -20]
+    data = b"".join(struct.pack("<f", v) for v in values)
+    info = {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}
+    for pad in (4, 1):  # 4: aligned for float32, mapped; 1: misaligned, read into memory
+        f = tmp_path / f"t{pad}.bin"
+        f.write_bytes(b"\0" * pad + data)
+        mapping = map_shard(f)
+        t = read_tensor(f, pad, info, mapping)
+        assert t.tolist() == values
+        assert (t.data_ptr() == mapping.ctypes.data + pad) == (pad == 4)  # mapped, or a copy
+        t[0] = 7.0  # a write to a mapped tensor is private: the file keeps its bytes
+        assert f.read_bytes() == b"\0" * pad + data

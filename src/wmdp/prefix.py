@@ -8,8 +8,13 @@ RMU's every forward stops after block `layer_id` (wmdp.layers), so neither the b
 nor the final norm and LM head ever run. Here the model skeleton is built on the meta device
 (`accelerate.init_empty_weights`), truncated to blocks 0..layer_id, and only the tensors those
 need (embeddings, the blocks, and buffers such as rotary frequencies, which are built for real)
-are read from the safetensors shards, each by plain reads into its own buffer (no memory map:
-the rest of a shard is never paged in); the rest stays on meta, taking no memory.
+are read from the safetensors shards; the rest stays on meta, taking no memory. A tensor kept in
+the checkpoint's dtype on the CPU is a copy-on-write view of its bytes in the shard, memory-mapped
+as the full path's loader maps them: only the pages a forward touches are ever read (an
+embedding's rows that no text uses cost nothing), and an update writes a private copy of the
+page, never the file. Otherwise (another dtype or device) each tensor goes straight from the map
+to its converted or device copy, one tensor at a time, and Mixtral's per-expert tensors are
+copied straight into their fused tensor (no per-expert temporaries).
 A model whose prefix fits on one device is unlearned there, whatever its size.
 
 Writing the output: every shard is copied byte for byte (not hard-linked: see `_copy`), then the
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,13 +73,25 @@ def read_header(path: Path) -> tuple[int, dict]:
         return 8 + n, json.loads(f.read(n))
 
 
-def read_tensor(path: Path, start: int, info: dict) -> torch.Tensor:
-    """One tensor by plain reads into its own buffer: no memory map, so reading the prefix costs
-    the prefix's bytes and nothing of the rest of the shard."""
+def map_shard(path: Path) -> np.ndarray | None:
+    """The shard's bytes, memory-mapped copy-on-write (None where the file cannot be mapped: the
+    tensors are then read into memory)."""
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="c")
+    except (OSError, ValueError):
+        return None
+
+
+def read_tensor(path: Path, start: int, info: dict,
+                mapping: np.ndarray | None = None) -> torch.Tensor:
+    """One tensor: a view of its bytes in `mapping` (the shard mapped by `map_shard`) where they
+    are aligned for its dtype, else plain reads into its own buffer."""
     b, e = info["data_offsets"]
     dtype = ST_DTYPES[info["dtype"]]
     if e == b:
         return torch.empty(info["shape"], dtype=dtype)
+    if mapping is not None and (start + b) % dtype.itemsize == 0:  # the map is page-aligned
+        return torch.from_numpy(mapping[start + b:start + e]).view(dtype).reshape(info["shape"])
     buf = bytearray(e - b)
     with open(path, "rb") as f:
         f.seek(start + b)
@@ -139,12 +157,23 @@ def checkpoint_names(config: Any, name: str) -> list[str]:
     return [f"{moe}.{leaf}"]
 
 
-def _merge(sources: list[str], tensors: list[torch.Tensor]) -> torch.Tensor:
+def _merge(sources: list[str], tensors: list[torch.Tensor],
+           dtype: torch.dtype | None) -> torch.Tensor:
+    """The model tensor from its checkpoint tensors, in `dtype` (None: theirs): each copied (and
+    converted) straight into its place, so no per-expert temporaries are made."""
     if len(tensors) == 1:
         return tensors[0]
+    first = tensors[0]
     if sources[0].endswith(".w1.weight"):  # (E, 2I, d): each expert's [w1; w3]
-        return torch.stack([torch.cat(tensors[i:i + 2]) for i in range(0, len(tensors), 2)])
-    return torch.stack(tensors)  # (E, d, I): each expert's w2
+        rows = first.shape[0]
+        out = torch.empty(len(tensors) // 2, 2 * rows, *first.shape[1:], dtype=dtype or first.dtype)
+        for i, t in enumerate(tensors):
+            out[i // 2, (i % 2) * rows:(i % 2 + 1) * rows].copy_(t)
+        return out
+    out = torch.empty(len(tensors), *first.shape, dtype=dtype or first.dtype)  # (E, d, I): w2s
+    for i, t in enumerate(tensors):
+        out[i].copy_(t)
+    return out
 
 
 def _split(sources: list[str], value: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -187,7 +216,6 @@ def load_prefix(name_or_path: str, layer_id: int, *, revision: str | None = None
                 trust_remote_code: bool = False) -> tuple[nn.Module, Any, PrefixPlan]:
     """The model with blocks 0..layer_id (and embeddings) loaded, the rest on meta."""
     from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -204,25 +232,37 @@ def load_prefix(name_or_path: str, layer_id: int, *, revision: str | None = None
     plan = PrefixPlan(source, layer_id, weight_map(source), target)
     needed = _needed(model, layer_id)
     dev = resolve_device(device)
-    headers = {shard: read_header(source / shard) for shard in set(plan.weight_map.values())}
-    for name in needed:
-        sources = checkpoint_names(config, name)
-        tensors = []
-        for c in sources:
-            if c not in plan.weight_map:
-                raise WmdpError(f"{source}: tensor {c} is not in the checkpoint")
-            shard = plan.weight_map[c]
-            start, header = headers[shard]
-            tensors.append(read_tensor(source / shard, start, header[c]))
-        value = _merge(sources, tensors)
-        set_module_tensor_to_device(model, name, dev, value=value, dtype=target or value.dtype)
-        plan.loaded.append(name)
-        del value, tensors
+    _read_prefix(model, config, plan, needed, dev)
     _move_buffers(model, dev)
     del layers[layer_id + 1:]  # never run; their meta tensors need no memory either way
     model.eval()
     model._wmdp_prefix = layer_id  # the loop's final check stops here too
     return model, load_tokenizer(str(source), None, trust_remote_code), plan
+
+
+def _read_prefix(model: nn.Module, config: Any, plan: PrefixPlan, needed: list[str],
+                 dev: str) -> None:
+    """Each needed tensor from the shards into the model, one at a time. A tensor kept as it is
+    stays a view of the shard's map (which its storage keeps open); the maps of shards none of
+    whose tensors stay are closed when this returns."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    shards = {}
+    for shard in set(plan.weight_map.values()):
+        start, header = read_header(plan.source / shard)
+        shards[shard] = (start, header, map_shard(plan.source / shard))
+    for name in needed:
+        sources = checkpoint_names(config, name)
+        tensors = []
+        for c in sources:
+            if c not in plan.weight_map:
+                raise WmdpError(f"{plan.source}: tensor {c} is not in the checkpoint")
+            start, header, mapping = shards[plan.weight_map[c]]
+            tensors.append(read_tensor(plan.source / plan.weight_map[c], start, header[c], mapping))
+        value = _merge(sources, tensors, plan.dtype)
+        set_module_tensor_to_device(model, name, dev, value=value, dtype=plan.dtype or value.dtype)
+        plan.loaded.append(name)
+        del value, tensors
 
 
 def _checkpoint_dtype(config: Any) -> torch.dtype:
@@ -296,7 +336,7 @@ def _patch(path: Path, start: int, header: dict, values: dict[str, torch.Tensor]
                 raise WmdpError(f"{path}: trained {name} is {t.dtype} {list(t.shape)}, the "
                                 f"checkpoint's {info['dtype']} {info['shape']}")
             f.seek(start + info["data_offsets"][0])
-            f.write(t.view(torch.uint8).numpy().tobytes())
+            f.write(t.reshape(-1).view(torch.uint8).numpy())  # its own bytes, no copy
 
 
 def _st_dtype(dtype: torch.dtype) -> str:
