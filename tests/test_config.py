@@ -171,6 +171,8 @@ def test_every_config_takes_its_model_fields_from_one_spec(spec):
 
     cls = _config_class(spec)
     assert issubclass(cls, ModelSpec)
+    methods = [n for n, v in vars(ModelSpec).items() if callable(v) and not n.startswith("_")]
+    assert methods and all(callable(getattr(cls(), n)) for n in methods)  # no field shadows one
     own = {f.name: f.default for f in dataclasses.fields(cls)}
     shared = [f for f in dataclasses.fields(ModelSpec) if f.name != "model"]
     assert {f.name: own[f.name] for f in shared} == {f.name: f.default for f in shared}

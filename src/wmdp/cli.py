@@ -135,9 +135,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     _check_config_apart(config.output, args.config)
     from wmdp.unlearn.loop import FINAL_RECORD
 
+    from wmdp.distributed import init_from_env, is_main
+
     finished = (Path(config.output) / FINAL_RECORD).is_file() and not args.overwrite
+    init_from_env()  # under torchrun: FSDP over the processes, rank 0 writes
     out = run_unlearning(method, hparams, config, overwrite=args.overwrite)
-    if not finished:  # else run_unlearning said it found the finished run and did nothing
+    if not finished and is_main():  # else run_unlearning found the finished run, did nothing
         print(f"wrote the unlearned model to {out}")
     return 0
 

@@ -1,16 +1,22 @@
-"""Data-parallel evaluation: `torchrun --nproc-per-node N -m wmdp eval ...`.
+"""Processes under torchrun (or `accelerate launch`): the process group and what rank 0 does.
 
-Each process scores every N-th row (rows are sorted by length first, so the shares are
-balanced) and the scores are gathered to all; rank 0 alone writes files. A row's score does not
-depend on which batch it ran in, so 1 and N processes give the same numbers.
+Data-parallel evaluation, `torchrun --nproc-per-node N -m wmdp eval ...`: each process scores
+every N-th row (rows are sorted by length first, so the shares are balanced) and the scores are
+gathered to all; rank 0 alone writes files. A row's score does not depend on which batch it ran
+in, so 1 and N processes give the same numbers. Full fine-tuning (`wmdp unlearn ga|npo|...`)
+joins the same group and shards the model with FSDP (`wmdp.unlearn.parallel`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
+
+from wmdp.errors import WmdpError
+
+T = TypeVar("T")
 
 
 def rank_world() -> tuple[int, int]:
@@ -53,3 +59,31 @@ def barrier() -> None:
 
     if rank_world()[1] > 1:
         dist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every process."""
+    import torch.distributed as dist
+
+    if rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0 alone (it writes files), its result on every process; a WmdpError it
+    raises is raised on every process, so none waits for the others forever."""
+    if rank_world()[1] == 1:
+        return fn()
+    result: tuple[str, Any] = ("ok", None)
+    if is_main():
+        try:
+            result = ("ok", fn())
+        except WmdpError as e:
+            result = ("error", str(e))
+    kind, value = broadcast(result)
+    if kind == "error":
+        raise WmdpError(value)
+    return value

@@ -352,7 +352,7 @@ def run_eval(config: EvalConfig, tasks: list[str], output: str | Path,
         if is_main() and not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    model, tokenizer = config.load()
+    model, tokenizer = config.load_model()
     return evaluate_model(model, tokenizer, tasks, registry, config=config, output=out,
                           progress=progress, items={n: d for n, (d, _) in loaded.items()},
                           provenance={n: r for n, (_, r) in loaded.items()})

@@ -125,18 +125,30 @@ def swapped(tensors: list[TrainedTensor], values: list[torch.Tensor]) -> Iterato
     saved = []
     with torch.no_grad():
         for t, v in zip(tensors, values):
-            if t.index is None:  # swap storage: no copy
+            if _swappable(t):  # swap storage: no copy
                 saved.append(t.param.data)
                 t.param.data = v
             else:
-                saved.append(t.param.data[t.index].clone())
-                t.param.data[t.index].copy_(v)
+                saved.append(_values(t).clone())
+                _values(t).copy_(v)
     try:
         yield
     finally:
         with torch.no_grad():
             for t, s in zip(tensors, saved):
-                if t.index is None:
+                if _swappable(t):
                     t.param.data = s
                 else:
-                    t.param.data[t.index].copy_(s)
+                    _values(t).copy_(s)
+
+
+def _swappable(t: TrainedTensor) -> bool:
+    """A whole plain tensor; not a slice, nor an FSDP shard (FSDP gathers from its own buffer,
+    so a shard's values must be written into it)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.index is None and not isinstance(t.param, DTensor)
+
+
+def _values(t: TrainedTensor) -> torch.Tensor:
+    return t.param.data if t.index is None else t.param.data[t.index]

@@ -1,7 +1,7 @@
 """The model part of every config: where a model comes from and how it loads.
 
     spec = ModelSpec("HuggingFaceH4/zephyr-7b-beta", dtype="bfloat16")
-    model, tokenizer = spec.load()                     # the whole model
+    model, tokenizer = spec.load_model()               # the whole model
     prefix, tokenizer, plan = spec.load_prefix(7)      # only blocks 0..7 (what RMU runs)
 
 Torch-free on import, so configs (and the CLI) can use it without loading torch.
@@ -34,7 +34,7 @@ class ModelSpec:
         own = {f.name: getattr(self, f.name) for f in fields(ModelSpec)}
         return ModelSpec(**{**own, **changes})
 
-    def load(self) -> tuple[Any, Any]:
+    def load_model(self) -> tuple[Any, Any]:
         """The whole model and its tokenizer, in eval mode."""
         from wmdp.models import load_model
 

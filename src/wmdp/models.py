@@ -1,7 +1,7 @@
 """The one loader for models and tokenizers, and the tensors of a model named by role.
 
     model, tokenizer = load_model("HuggingFaceH4/zephyr-7b-beta", dtype="bfloat16")
-    model, tokenizer = ModelSpec("HuggingFaceH4/zephyr-7b-beta", dtype="bfloat16").load()
+    model, tokenizer = ModelSpec("HuggingFaceH4/zephyr-7b-beta", dtype="bfloat16").load_model()
     layers = decoder_layers(model)                      # nn.ModuleList of decoder blocks
     t = mlp_out_tensor(model, 7)                        # the MLP down-projection of layer 7
 

@@ -14,10 +14,15 @@ word (its word found in the fewest candidate texts; in the sandbox, the entity's
 first, so the curve measures knowledge coming back, not facts taught anew; questions whose
 rarest word the chosen texts do mention are left out of the recovery figure and counted.
 The model stays in eval mode (no dropout) while it trains, as RMU does.
+
+It runs as one process (`--device-map auto` spreads a large model over the visible GPUs):
+its re-evaluations between steps are not data-parallel, so under torchrun it stops with an
+error instead of running the same attack once per process.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -164,6 +169,10 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
     """Both models, fine-tuned on forget texts and on retain texts; accuracy against steps."""
     if config.steps < 1 or config.eval_every < 1 or config.num_texts < 1 or config.batch_size < 1:
         raise WmdpError("relearn: steps, eval_every, num_texts and batch_size must be positive")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise WmdpError("relearn runs as one process (its evaluations between steps are not "
+                        "data-parallel): run wmdp audit without torchrun, with --device-map auto "
+                        "for a model larger than one GPU")
     questions = [it for t in ctx.tasks for it in ctx.items[t]]
     corpora = {"forget": ctx.forget, "retain": ctx.retain}
     texts, mentioned, record = {}, {}, {}

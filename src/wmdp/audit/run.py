@@ -161,7 +161,7 @@ def _load_tasks(config: AuditConfig) -> tuple[dict, dict]:
 
 
 def _load_models(config: AuditConfig) -> dict[str, tuple[Any, Any]]:
-    return {role: config.model_spec(model=source, revision=rev).load()
+    return {role: config.model_spec(model=source, revision=rev).load_model()
             for role, source, rev in (("base", config.base, config.base_revision),
                                       ("unlearned", config.model, config.revision))}
 

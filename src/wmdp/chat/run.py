@@ -217,7 +217,7 @@ def _answer(config: ChatEvalConfig, questions: list[Question], answers: dict[Any
     """Generate the missing answers, saving each batch as it finishes; the generation record."""
     loaded = model is None
     if loaded:
-        model, tokenizer = config.load()
+        model, tokenizer = config.load_model()
     t0 = time.perf_counter()
 
     def save(records: list[dict]) -> None:

@@ -39,6 +39,7 @@ import torch
 
 from wmdp.errors import WmdpError
 from wmdp.unlearn.batches import Step, left_padded
+from wmdp.unlearn.parallel import global_mean
 from wmdp.unlearn.lm import (LMMethod, check_positive, check_settings, next_token_mask, presets,
                              token_kl, token_logprobs)
 
@@ -93,7 +94,7 @@ def mean_text_nll(logits: torch.Tensor, inputs: dict[str, torch.Tensor],
     if target_mask is not None:
         mask = mask * target_mask
     per_text = -(token_logprobs(logits, inputs) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-    return per_text.mean()
+    return global_mean(per_text.sum(), len(per_text))  # over all ranks' texts
 
 
 class LLMU(LMMethod):

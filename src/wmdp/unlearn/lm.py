@@ -42,6 +42,7 @@ from wmdp.layers import swapped
 from wmdp.models import PARAM_ROLES, TrainedTensor, input_device, train_only
 from wmdp.unlearn.batches import TopicBatches, tokenize, training_tokenizer
 from wmdp.unlearn.optim import LinearWarmupDecay, torch_adamw
+from wmdp.unlearn.parallel import global_mean
 from wmdp.unlearn.rmu import PRESETS as RMU_PRESETS
 
 
@@ -66,7 +67,7 @@ def mean_nll(logits: torch.Tensor, inputs: dict[str, torch.Tensor],
     mask = next_token_mask(inputs)
     if target_mask is not None:
         mask = mask * target_mask
-    return -(token_logprobs(logits, inputs) * mask).sum() / mask.sum().clamp(min=1.0)
+    return global_mean(-(token_logprobs(logits, inputs) * mask).sum(), mask.sum())  # over all ranks
 
 
 def sequence_logprob(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -82,7 +83,7 @@ def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, inputs: dict[str, t
     now = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     kl = (ref.exp() * (ref - now)).sum(-1)                                     # (B, T-1)
     mask = next_token_mask(inputs)
-    return (kl * mask).sum() / mask.sum().clamp(min=1.0) * temperature ** 2
+    return global_mean((kl * mask).sum(), mask.sum()) * temperature ** 2  # over all ranks
 
 
 # -- the shared setup ---------------------------------------------------------------------------

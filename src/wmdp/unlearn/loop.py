@@ -3,11 +3,13 @@
 A method states only what is particular to it (which tensors it trains, its optimizer, its loss
 on one forget/retain step); this loop owns the rest: the step schedule, progress, per-step
 metrics (`metrics.jsonl`), checkpoints and resume, the NaN guard, saving the model, and the run
-record (`unlearn_config.json`).
+record (`unlearn_config.json`). Under torchrun or `accelerate launch` it shards the model with
+FSDP and splits each batch over the processes (`wmdp.unlearn.parallel`); rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -23,12 +25,14 @@ from wmdp.progress import tqdm
 
 from wmdp.config import to_dict
 from wmdp.data.corpus import Corpus, load_corpus
+from wmdp.distributed import barrier, is_main, on_main, rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import (atomic_write_text, library_versions, prepare_output_dir, sha256_json,
                      write_json)
 from wmdp.model_spec import ModelSpec
-from wmdp.models import TrainedTensor, check_model_source, input_device
+from wmdp.models import TrainedTensor, check_model_source, input_device, resolve_device
 from wmdp.layers import forward_to_layer
+from wmdp.unlearn import parallel
 from wmdp.unlearn.batches import Step, TopicBatches, tokenize, training_tokenizer
 from wmdp.unlearn.tokenizer_check import tokenizer_record
 
@@ -91,13 +95,30 @@ def load_corpora(config: UnlearnConfig) -> tuple[list[Corpus], list[Corpus]]:
 
 def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: TopicBatches, *,
                   seed: int = 42, output: Path | None = None, checkpoint_every: int = 0,
-                  progress: bool = True,
+                  progress: bool = True, device: str | None = None,
                   on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Run `method` on an in-memory model; returns the per-step metrics.
 
     With `output`, metrics go to `output/metrics.jsonl` as they come, checkpoints to
-    `output/checkpoints/`, and a run interrupted after a checkpoint resumes from it.
+    `output/checkpoints/`, and a run interrupted after a checkpoint resumes from it. In a
+    process group of N > 1 (torchrun), the model is sharded with FSDP onto `device` (default:
+    where it is) and each rank trains on its share of every batch; rank 0 alone writes.
     """
+    many = rank_world()[1] > 1
+    if many:
+        parallel.check_method(method.name, None)
+        parallel.check_shares(schedule)
+        if not parallel.is_sharded(next(model.parameters())):
+            parallel.shard_model(model, device or str(input_device(model)))
+        schedule = parallel.RankShare(schedule)  # type: ignore[assignment]
+    with parallel.training(many):
+        return _run(method, model, tokenizer, schedule, seed, output, checkpoint_every,
+                    progress and is_main(), on_step)
+
+
+def _run(method: Method, model: nn.Module, tokenizer: Any, schedule: TopicBatches, seed: int,
+         output: Path | None, checkpoint_every: int, progress: bool,
+         on_step: Callable[[int, dict], None] | None) -> list[dict]:
     torch.manual_seed(seed)
     method.setup(model, tokenizer, schedule, seed)
     if getattr(method, "one_shot", False):
@@ -107,17 +128,17 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
     optimizer = method.make_optimizer()
     start, history = 0, []
     ckpt = output / CHECKPOINT if output is not None else None
-    if ckpt is not None and ckpt.is_file():
-        start, history = _load_checkpoint(ckpt, method, optimizer, output)
-    elif output is not None:  # steps logged by a run stopped before its first checkpoint rerun
-        (output / "metrics.jsonl").unlink(missing_ok=True)
+    if ckpt is not None and on_main(ckpt.is_file):
+        start, history = _load_checkpoint(ckpt, method, optimizer, output, model)
+    elif output is not None and is_main():  # steps logged by a run stopped before its first
+        (output / "metrics.jsonl").unlink(missing_ok=True)  # checkpoint are run again
     bar = tqdm(total=len(schedule), initial=start, desc=f"unlearn ({method.name})",
                disable=not progress, unit="step")
     for idx in range(start, len(schedule)):
         step = schedule[idx]
         t0 = time.perf_counter()
         loss, metrics = method.loss(step)
-        value = loss.item()
+        value, metrics = parallel.mean_over_ranks(loss.item(), metrics)  # the global figures
         check_finite(value, "loss", idx, metrics)
         optimizer.zero_grad()
         loss.backward()
@@ -125,7 +146,7 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
         row = {"step": idx, "topic": step.topic, "loss": value, **metrics,
                "seconds": round(time.perf_counter() - t0, 4)}
         history.append(row)
-        if output is not None:
+        if output is not None and is_main():
             with open(output / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix_str(_fmt(metrics))
@@ -134,7 +155,7 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
             on_step(idx, row)
         if ckpt is not None and checkpoint_every and (idx + 1) % checkpoint_every == 0 \
                 and idx + 1 < len(schedule):
-            _save_checkpoint(ckpt, idx + 1, method, optimizer)
+            _save_checkpoint(ckpt, idx + 1, method, optimizer, model)
         optimizer.zero_grad()  # free this step's gradients before the next forward
     bar.close()
     optimizer.zero_grad()
@@ -149,8 +170,8 @@ def check_model_finite(model: nn.Module, tokenizer: Any, tensors: list[TrainedTe
     that are NaN, or finite but so large (lr 1e30) that the model's outputs overflow. So every
     trained tensor must be finite, and so must the logits on a text of the last step."""
     last = len(schedule) - 1
-    for t in tensors:
-        if not torch.isfinite(t.view()).all():
+    for t in tensors:  # each rank checks its shard
+        if not parallel.all_ranks(bool(torch.isfinite(parallel.local(t.view())).all())):
             raise WmdpError(f"after step {last}: {t.name} holds NaN or infinite values; "
                             "stopping without writing a model (lower the learning rate)")
     step = schedule[last]
@@ -159,7 +180,7 @@ def check_model_finite(model: nn.Module, tokenizer: Any, tensors: list[TrainedTe
     prefix = getattr(model, "_wmdp_prefix", None)  # a prefix model stops at its last block
     out = (forward_to_layer(model, inputs, prefix) if prefix is not None
            else model(**inputs, use_cache=False).logits)
-    if not torch.isfinite(out).all():
+    if not parallel.all_ranks(bool(torch.isfinite(out).all())):
         raise WmdpError(f"after step {last}: the model's outputs are NaN or infinite; stopping "
                         "without writing a model (lower the learning rate)")
 
@@ -184,20 +205,41 @@ def check_finite(value: float, what: str, step: int, metrics: dict[str, float]) 
                         "writing a model (lower the learning rate or the coefficients)")
 
 
-def _save_checkpoint(path: Path, next_step: int, method: Method, optimizer: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"next_step": next_step,
-             "tensors": [t.view().detach().cpu().clone() for t in method.tensors],
-             "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+def _save_checkpoint(path: Path, next_step: int, method: Method, optimizer: Any,
+                     model: nn.Module) -> None:
+    """Whole tensors and optimizer state (gathered from the shards by every rank), so a run
+    resumes on any number of processes; rank 0 writes."""
+    with torch.no_grad():
+        tensors = [parallel.full(t.view()).detach().cpu().clone() for t in method.tensors]
+    state = {"next_step": next_step, "tensors": tensors,
+             "optimizer": parallel.optimizer_state(model, optimizer), "method": method.state_dict(),
              "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not is_main():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def _load_checkpoint(path: Path, method: Method, optimizer: Any,
-                     output: Path) -> tuple[int, list[dict]]:
+def _load_checkpoint(path: Path, method: Method, optimizer: Any, output: Path,
+                     model: nn.Module) -> tuple[int, list[dict]]:
+    """Rank 0 reads the checkpoint (and drops the metrics of the steps after it); every rank
+    takes its shard of the tensors and optimizer state."""
+    state, history = on_main(lambda: _read_checkpoint(path, output))
+    with torch.no_grad():
+        for t, v in zip(method.tensors, state["tensors"]):
+            t.view().copy_(parallel.like(v, t.view()))
+    parallel.load_optimizer_state(model, optimizer, state["optimizer"])
+    method.load_state_dict(state["method"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["next_step"]), history
+
+
+def _read_checkpoint(path: Path, output: Path) -> tuple[dict, list[dict]]:
     try:  # weights_only: a malicious pickle is refused, a truncated file is unreadable
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"tensors", "optimizer", "method", "rng",
@@ -211,21 +253,13 @@ def _load_checkpoint(path: Path, method: Method, optimizer: Any,
             "truncated or damaged"
         raise WmdpError(f"{path}: cannot resume from this checkpoint ({reason}); delete it to "
                         "start over, or rerun with --overwrite") from None
-    with torch.no_grad():
-        for t, v in zip(method.tensors, state["tensors"]):
-            t.view().copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
-    method.load_state_dict(state["method"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
     start = int(state["next_step"])
     history = []
     metrics = output / "metrics.jsonl"
     if metrics.is_file():  # drop steps after the checkpoint: they are run again
         history = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] < start]
         atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in history))
-    return start, history
+    return state, history
 
 
 def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
@@ -242,23 +276,26 @@ def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
     if config.checkpoint_every < 0:
         raise WmdpError(f"checkpoint_every is {config.checkpoint_every}: give 0 (never) or a "
                         "positive number of steps")
+    parallel.check_method(method.name, config.device_map)
     source = check_model_source(config.model)
     fingerprint = config.fingerprint(method.name, hparams)
-    out = prepare_output_dir(Path(config.output).resolve(), overwrite, RUN_RECORD, fingerprint,
-                             inputs=[("--model", source)] + [
-                                 ("corpus", c.removeprefix("raw:"))
-                                 for c in config.forget_corpora + config.retain_corpora])
-    if (out / FINAL_RECORD).is_file():
-        print(f"wmdp: {out} holds this exact finished run; nothing to do", file=sys.stderr)
+    out = on_main(lambda: prepare_output_dir(  # rank 0 alone touches the directory
+        Path(config.output).resolve(), overwrite, RUN_RECORD, fingerprint,
+        inputs=[("--model", source)] + [("corpus", c.removeprefix("raw:"))
+                                        for c in config.forget_corpora + config.retain_corpora]))
+    if on_main((out / FINAL_RECORD).is_file):
+        if is_main():
+            print(f"wmdp: {out} holds this exact finished run; nothing to do", file=sys.stderr)
         return out
-    fresh = not (out / RUN_RECORD).is_file()
+    fresh = not on_main((out / RUN_RECORD).is_file)
     try:
         _unlearn_into(out, method, hparams, config, fingerprint, progress)
     except WmdpError:
-        if fresh:  # an input or settings error, or a NaN: leave nothing behind
+        if fresh and is_main():  # an input or settings error, or a NaN: leave nothing behind
             for child in out.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
+    barrier()  # every process returns once the model is on disk
     return out
 
 
@@ -267,17 +304,26 @@ def _unlearn_into(out: Path, method: Method, hparams: Any, config: UnlearnConfig
     forget, retain = load_corpora(config)  # bad data fails before the model loads
     schedule = TopicBatches(forget, retain, config.batch_size, config.max_num_batches,
                             config.epochs)
+    if rank_world()[1] > 1:  # every batch splits over the processes, before the model loads
+        parallel.check_shares(schedule)
     record = {"fingerprint": fingerprint, "method": method.name, "config": to_dict(config),
               "hparams": to_dict(hparams), "num_steps": len(schedule),
               "corpora": {"forget": [c.record() for c in forget],
                           "retain": [c.record() for c in retain]},
-              "versions": library_versions()}
-    write_json(out / RUN_RECORD, record)
-    model, tokenizer, plan, record["load"] = _load(method, config)
+              "versions": library_versions(), "world_size": rank_world()[1]}
+    if is_main():
+        write_json(out / RUN_RECORD, record)
+    if hasattr(method, "prepare"):  # a run it needs first, into out/ (UNDO's teacher)
+        config = method.prepare(config, out, progress)
+    many = rank_world()[1] > 1  # each process reads the model into host memory; FSDP then
+    # keeps 1/N of it on the process's device
+    model, tokenizer, plan, record["load"] = _load(
+        method, dataclasses.replace(config, device="cpu") if many else config)
     record["tokenizer"] = tokenizer_record(tokenizer, schedule)
     t0 = time.perf_counter()
     history = unlearn_model(method, model, tokenizer, schedule, seed=config.seed, output=out,
-                            checkpoint_every=config.checkpoint_every, progress=progress)
+                            checkpoint_every=config.checkpoint_every, progress=progress,
+                            device=resolve_device(config.device) if many else None)
     describe = getattr(method, "describe", None)
     final = {**record, "seconds": round(time.perf_counter() - t0, 2),
              "final_metrics": history[-1] if history else {},
@@ -308,18 +354,30 @@ def _load(method: Method, config: UnlearnConfig) -> tuple[nn.Module, Any, Any, d
     if why is None:
         model, tokenizer, plan = config.load_prefix(layer)
         return model, tokenizer, plan, plan.record()
-    model, tokenizer = config.load()
+    model, tokenizer = config.load_model()
     return model, tokenizer, None, {"path": "full", "why": why}
 
 
 def save_model(model: nn.Module, tokenizer: Any, out: Path, record: dict) -> None:
-    """Write the HF model files into `out` (through a temp dir), then the run record."""
+    """Write the HF model files into `out` (through a temp dir), then the run record. A model
+    sharded with FSDP is gathered (every rank calls this) and rank 0 writes it whole."""
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
+    sharded = parallel.is_sharded(next(model.parameters()))
+    state = parallel.model_state(model) if sharded else None
+    if not is_main():
+        return
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if sharded:  # as its own class, not FSDP's subclass (config.json's "architectures")
+        cls, model.__class__ = model.__class__, parallel.base_class(model)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        finally:
+            model.__class__ = cls
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():
         f.replace(out / f.name)

@@ -33,6 +33,7 @@ from torch import nn
 
 from wmdp.unlearn.batches import Step, TopicBatches
 from wmdp.unlearn.lm import LMMethod, check_positive, check_settings, presets, sequence_logprob
+from wmdp.unlearn.parallel import global_mean
 
 
 @dataclass
@@ -71,8 +72,10 @@ class NPO(LMMethod):
         forget = self.tokenize(step.forget)
         ref = self.ref_logprobs[step.idx % self.schedule.num_batches]
         log_ratio = sequence_logprob(self.logits(forget), forget) - ref
-        forget_loss = -(2.0 / c.beta) * F.logsigmoid(-c.beta * log_ratio).mean()
-        metrics = {"forget_loss": forget_loss.item(), "log_ratio": log_ratio.mean().item()}
+        n = len(log_ratio)  # means over all ranks' texts (wmdp.unlearn.parallel)
+        forget_loss = -(2.0 / c.beta) * global_mean(F.logsigmoid(-c.beta * log_ratio).sum(), n)
+        metrics = {"forget_loss": forget_loss.item(),
+                   "log_ratio": global_mean(log_ratio.detach().sum(), n).item()}
         return self.plus_retain_nll(step, forget_loss, metrics, c.retain_weight)
 
 
