@@ -283,3 +283,70 @@ def torch_equal(x, y) -> bool:
     import torch
 
     return bool(torch.equal(x, y))
+
+
+def test_audit_protocol_runs_the_relearning_protocol_with_the_sandboxs_oracle(tmp_path):
+    """`audit.protocol: true` adds the protocol to the audit's attacks, with the oracle of the
+    run's sandbox when it trains one, under the config's own protocol settings."""
+    from wmdp.pipeline import Pipeline
+    from wmdp.sandbox.oracle import oracle_model_dir
+
+    cfg = small_sandbox_config(tmp_path, f"output={tmp_path / 'run'}", "audit.protocol=true",
+                               "sandbox.oracle=true", "audit.attacks=[relearn]",
+                               "audit.settings.protocol.seeds=[0,1,2]")
+    pipe = Pipeline(cfg, create=False)
+    audit = pipe.audit_settings()
+    assert audit.attacks == ["relearn", "protocol"]
+    assert audit.protocol.oracle == str(oracle_model_dir(pipe.sandbox_dir))
+    assert audit.protocol.seeds == [0, 1, 2]
+    off = Pipeline(small_sandbox_config(tmp_path, f"output={tmp_path / 'run'}"), create=False)
+    assert "protocol" not in off.audit_settings().attacks  # opt-in
+    from wmdp.errors import WmdpError
+
+    with pytest.raises(WmdpError, match="methods must be full or lora"):
+        Pipeline(small_sandbox_config(tmp_path, f"output={tmp_path / 'bad'}",
+                                      "audit.protocol=true",
+                                      "audit.settings.protocol.methods=[qlora]"), create=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_run_with_the_protocol_gets_the_robustness_section_end_to_end(tmp_path):
+    """`wmdp run --set audit.protocol=true` on the small sandbox (the smallest grid, an 'oracle'
+    saved beside the sandbox model, found there): the report's robustness section holds the
+    audit's shares and the protocol's worst case for base, the method and the oracle."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from wmdp.pipeline import Pipeline
+
+    cfg = small_sandbox_config(
+        tmp_path, f"output={tmp_path / 'run'}", "eval.tasks=[sandbox_forget,sandbox_general]",
+        "unlearn.settings.max_num_batches=3", "unlearn.settings.epochs=1",
+        "audit.tasks=[sandbox_bio,sandbox_cyber]", "audit.attacks=[relearn]",
+        "audit.settings.relearn.steps=2", "audit.settings.relearn.eval_every=2",
+        "audit.protocol=true", "audit.settings.protocol.data=[forget]",
+        "audit.settings.protocol.lrs=[0.003]", "audit.settings.protocol.checkpoints=[2]",
+        "audit.settings.protocol.sizes=[4]", "audit.settings.protocol.methods=[full]",
+        "audit.settings.protocol.seeds=[0]", "audit.settings.protocol.ppl_texts=8")
+    sandbox = Pipeline(cfg, create=False).sandbox_dir
+    base = AutoModelForCausalLM.from_pretrained(sandbox / "model")
+    AutoModelForCausalLM.from_config(base.config).save_pretrained(sandbox / "oracle" / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(sandbox / "model" / name, sandbox / "oracle" / "model" / name)
+    run_dir = run_pipeline(cfg, progress=False)
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    protocol = audit["attacks"]["protocol"]
+    assert protocol["sources"]["oracle"] == str(sandbox / "oracle" / "model")
+    report = (run_dir / "report.md").read_text()
+    share = audit["attacks"]["relearn"]["verdict"]["recovered_fraction"]
+    relearn_row = next(line for line in report.splitlines() if line.startswith("| relearn |"))
+    assert relearn_row.split("|")[4].strip() == ("n/a" if share is None else f"{100 * share:.0f}%")
+    for role, label in (("base", "base"), ("unlearned", "rmu"), ("oracle", "oracle")):
+        m = protocol["models"][role]
+        row = next(line for line in report.splitlines()
+                   if line.startswith(f"| forget | {label} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[2:4] == [f"{100 * m['plain']['forget_acc']:.1f}",
+                              f"{100 * m['attacks']['forget']['worst_case']['forget_acc']:.1f}"]
+    assert "](plots/relearning.png)" in report

@@ -86,7 +86,7 @@ def test_the_grid_worst_case_curve_share_and_models_put_back(inputs):
             assert 0 <= w["general_acc"] <= 1 and w["retain_ppl"] > 1
     assert record["ppl_texts"] == 8
     table = protocol_table(record)
-    assert table.count("\n") == 1 + 2 * 2 and "| unlearned | forget |" in table
+    assert table.count("\n") == 1 + 2 * 2 and "| forget | unlearned |" in table
     json.dumps(record)  # the record is plain JSON
 
 
@@ -125,3 +125,100 @@ def test_worst_case_is_the_attackers_best_point_not_the_average():
 def test_bad_grid_is_refused(inputs, change, message):
     with pytest.raises(WmdpError, match=message):
         run_protocol(inputs, ProtocolConfig(**change), progress=False)
+
+
+# -- inside `wmdp audit` ------------------------------------------------------------------------
+def test_the_protocol_is_opt_in_and_its_grid_is_checked_before_models_load():
+    from wmdp.audit.run import ATTACKS, AuditConfig, _check
+
+    assert "protocol" in ATTACKS and "protocol" not in AuditConfig().attacks
+    config = AuditConfig(tasks=["sandbox_bio"], attacks=["protocol"], forget_corpora=["f"],
+                         retain_corpora=["r"], protocol=ProtocolConfig(lrs=[]))
+    with pytest.raises(WmdpError, match="an empty grid axis"):
+        _check(config)
+
+
+def test_the_oracle_is_found_beside_a_sandbox_base_model(tmp_path):
+    from wmdp.audit.protocol_audit import find_oracle
+
+    (tmp_path / "build" / "model").mkdir(parents=True)
+    base = str(tmp_path / "build" / "model")
+    assert find_oracle(ProtocolConfig(), base) is None  # not built
+    (tmp_path / "build" / "oracle" / "model").mkdir(parents=True)
+    (tmp_path / "build" / "oracle" / "model" / "config.json").write_text("{}")
+    assert find_oracle(ProtocolConfig(), base) == str(tmp_path / "build" / "oracle" / "model")
+    assert find_oracle(ProtocolConfig(oracle="none"), base) is None
+    assert find_oracle(ProtocolConfig(oracle="elsewhere"), base) == "elsewhere"
+    assert find_oracle(ProtocolConfig(), "") is None  # a model built in memory
+
+
+def test_the_protocol_inside_the_audit(inputs, tmp_path, monkeypatch):
+    """The smallest grid on the small sandbox: base, a knows-nothing 'unlearned' model and a
+    saved fresh 'oracle'; general tasks and out-of-domain text found from the sandbox; the
+    verdict's shares are the record's; a rerun resumes; the audit's models are put back."""
+    from transformers import AutoModelForCausalLM
+
+    from wmdp.audit import protocol_audit
+    from wmdp.audit.run import AuditConfig, run_audit
+
+    base, tok = inputs.models["base"]
+    torch.manual_seed(1)
+    oracle_dir = tmp_path / "oracle"
+    AutoModelForCausalLM.from_config(copy.deepcopy(base.config)).save_pretrained(oracle_dir)
+    tok.save_pretrained(oracle_dir)
+    data = SANDBOX / "data"
+    grid = ProtocolConfig(data=["forget", "general"], lrs=[3e-3], checkpoints=[2], sizes=[4],
+                          methods=["full"], seeds=[0], ppl_texts=8, oracle=str(oracle_dir))
+    config = AuditConfig(tasks=["sandbox_bio", "sandbox_cyber"], data_dir=str(data),
+                         attacks=["protocol"], batch_size=64, output=str(tmp_path / "audit"),
+                         forget_corpora=[str(data / "forget_bio.jsonl"),
+                                         str(data / "forget_cyber.jsonl")],
+                         retain_corpora=[str(data / "retain.jsonl")], protocol=grid)
+    pairs = {r: inputs.models[r] for r in ("base", "unlearned")}
+    before = copy.deepcopy(base.state_dict())
+    record = run_audit(config, models=pairs, progress=False)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
+    result = record["attacks"]["protocol"]
+    assert set(result["models"]) == {"base", "unlearned", "oracle"}
+    assert result["sources"]["oracle"] == str(oracle_dir)
+    assert result["sources"]["general_tasks"] == ["sandbox_botany", "sandbox_software",
+                                                  "sandbox_geography"]
+    assert result["sources"]["corpora"]["general"][0]["source"].endswith("retain_geography.jsonl")
+    for role, m in result["models"].items():
+        assert len(m["runs"]) == 2 and set(m["attacks"]) == {"forget", "general"}
+        assert set(m["plain"]["general"]) == {"sandbox_botany", "sandbox_software",
+                                              "sandbox_geography"}
+    v, models = result["verdict"], result["models"]
+    base_plain = models["base"]["plain"]["forget_acc"]
+    for who, fig in (("unlearned", v), ("oracle", v["oracle"])):
+        plain = models[who]["plain"]["forget_acc"]
+        for kind, key in (("forget", ""), ("general", "_general")):
+            best = max(p["forget_acc"] for r in models[who]["runs"] if r["data"] == kind
+                       for p in r["curve"])
+            assert fig[f"attacked{key}"] == best
+            assert fig[f"recovered_fraction{key}"] == pytest.approx(
+                (best - plain) / (base_plain - plain))
+    assert v["base"] == base_plain and v["unlearned"] == models["unlearned"]["plain"]["forget_acc"]
+    assert "oracle" in record["verdicts"]["protocol"]
+    assert record["plots"]["protocol"] == "protocol.png"
+    assert (tmp_path / "audit" / "protocol.png").is_file()
+    saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert saved["attacks"]["protocol"]["verdict"] == v
+    monkeypatch.setattr(protocol_audit, "run_protocol", lambda *a, **k: 1 / 0)
+    again = run_audit(config, models=pairs, progress=False)  # finished: not run again
+    assert again["attacks"]["protocol"]["verdict"] == v
+
+
+def test_outside_the_sandbox_the_general_tasks_must_be_named(inputs, tmp_path):
+    from wmdp.audit.common import AuditContext, Subject
+    from wmdp.audit.protocol_audit import audit_inputs
+    from wmdp.tasks import Task
+
+    base, tok = inputs.models["base"]
+    ctx = AuditContext({"base": Subject("base", base, tok)},
+                       {"wmdp_bio": Task("wmdp_bio", "biology", path=tmp_path / "wmdp_bio.jsonl")},
+                       {}, PROMPT_STYLES["lmeval"], {})
+    with pytest.raises(WmdpError, match="protocol.general_tasks names no task"):
+        audit_inputs(ctx, ProtocolConfig())
+    with pytest.raises(WmdpError, match="protocol.general_corpora names no corpus"):
+        audit_inputs(ctx, ProtocolConfig(general_tasks=["mmlu_virology"]))

@@ -313,3 +313,169 @@ def test_screenshot_without_a_report_is_one_line(tmp_path):
     out = subprocess.run(["bash", str(ROOT / "scripts" / "screenshot_report.sh"), str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("wmdp: ") and "no report" in out.stderr
+
+
+# -- robustness: every attack's recovered share, the relearning protocol, its curves ------------
+def _worst(acc: float, general: float, ppl: float, share: float | None, curve: list) -> dict:
+    return {"worst_case": {"forget_acc": acc, "step": 30, "lr": 1e-3, "size": 8, "method": "lora",
+                           "seed": 1, "general_acc": general, "retain_ppl": ppl},
+            "recovered_share": share,
+            "curve": [{"step": s, "mean": m, "best": b} for s, m, b in curve]}
+
+
+def _protocol() -> dict:
+    """A protocol record: base 0.90, unlearned 0.30 -> 0.78 on forget texts ((0.78 - 0.30) /
+    (0.90 - 0.30) = 80%), 0.42 on retain texts (20%); the oracle 0.25 -> 0.31 (6 / 65 = 9%)."""
+    def model(plain: float, ppl: float, forget: dict, retain: dict) -> dict:
+        return {"plain": {"forget_acc": plain, "general_acc": 0.95, "retain_ppl": ppl},
+                "runs": [], "attacks": {"forget": forget, "retain": retain}}
+
+    return {"config": {"data": ["forget", "retain"], "lrs": [1e-4, 1e-3], "checkpoints": [10, 30],
+                       "sizes": [8], "methods": ["full", "lora"], "seeds": [0, 1]},
+            "questions": {"sandbox_bio": 25, "sandbox_cyber": 15}, "models": {
+                "base": model(
+                    0.9, 3.0, _worst(0.95, 0.97, 3.1, None, [(10, .91, .93), (30, .92, .95)]),
+                    _worst(0.92, 0.96, 3.0, None, [(10, .9, .91), (30, .9, .92)])),
+                "unlearned": model(
+                    0.3, 3.3, _worst(0.78, 0.88, 3.6, 0.8, [(10, .5, .6), (30, .6, .78)]),
+                    _worst(0.42, 0.9, 3.4, 0.2, [(10, .35, .4), (30, .36, .42)])),
+                "oracle": model(
+                    0.25, 3.2, _worst(0.31, 0.9, 3.3, 6 / 65, [(10, .27, .29), (30, .28, .31)]),
+                    _worst(0.27, 0.9, 3.2, 2 / 65, [(10, .25, .26), (30, .26, .27)]))}}
+
+
+def _verdict(attacked: float, share: float | None, **more) -> dict:
+    return {"base": 0.9, "unlearned": 0.3, "attacked": attacked, "recovered_fraction": share,
+            "n": 40, "text": "...", **more}
+
+
+def robust_audit() -> dict:
+    """An audit with known shares: probe 40%, relearn 90% (control 10%), gcg no gap, activations
+    no share at all, an attack the report has never heard of (25%, its variant 5%), the protocol
+    80% / 20% with the oracle's 9% / 3%."""
+    protocol = _protocol()
+    attacks = {
+        "probe": {"verdict": _verdict(0.54, 0.4)},
+        "relearn": {"verdict": _verdict(0.84, 0.9, attacked_control=0.36,
+                                        recovered_fraction_control=0.1)},
+        "gcg": {"verdict": _verdict(0.3, None)},
+        "activations": {"verdict": {"layer": 2, "text": "no clear detection signal"}},
+        "mystery": {"verdict": _verdict(0.45, 0.25, attacked_foo=0.33,
+                                        recovered_fraction_foo=0.05)},
+        "protocol": {**protocol, "verdict": _verdict(
+            0.78, 0.8, attacked_retain=0.42, recovered_fraction_retain=0.2,
+            oracle={"plain": 0.25, "attacked": 0.31, "recovered_fraction": 6 / 65,
+                    "attacked_retain": 0.27, "recovered_fraction_retain": 2 / 65})}}
+    return {"attacks": attacks, "verdicts": {a: r["verdict"]["text"] for a, r in attacks.items()}}
+
+
+def test_report_robustness_section_reads_every_attack_and_the_protocol(tmp_path):
+    run = make_run(tmp_path)
+    _write(run / "audit" / "audit.json", robust_audit())
+    md, page = _report(run)
+    shares = next(t for t in page.tables if t["rows"][0][0] == "attack" and len(t["rows"][0]) > 2)
+    assert shares["rows"][0] == ["attack", "unlearned → attacked", "base", "recovered (rmu)",
+                                 "oracle → attacked", "recovered (oracle)"]
+    assert shares["rows"][1:] == [
+        ["probe", "30.0 → 54.0", "90.0", "40%", "", ""],
+        ["relearn", "30.0 → 84.0", "90.0", "90%", "", ""],
+        ["relearn (control)", "30.0 → 36.0", "90.0", "10%", "", ""],
+        ["gcg", "30.0 → 30.0", "90.0", "n/a", "", ""],
+        ["mystery", "30.0 → 45.0", "90.0", "25%", "", ""],
+        ["mystery (foo)", "30.0 → 33.0", "90.0", "5%", "", ""],
+        ["protocol", "30.0 → 78.0", "90.0", "80%", "25.0 → 31.0", "9%"],
+        ["protocol (retain)", "30.0 → 42.0", "90.0", "20%", "25.0 → 27.0", "3%"]]
+    assert "Worst case over every attack: **90%** (relearn)." in md
+    grid = next(t for t in page.tables if t["rows"][0][0] == "attack data")
+    at = "0.001, 8, lora, 1, 30"
+    assert grid["rows"][1:] == [  # per attack data: base, the method, the oracle side by side
+        ["forget", "base", "90.0", "95.0", "n/a", "97.0", "3.100 (3.000)", at],
+        ["forget", "rmu", "30.0", "78.0", "80%", "88.0", "3.600 (3.300)", at],
+        ["forget", "oracle", "25.0", "31.0", "9%", "90.0", "3.300 (3.200)", at],
+        ["retain", "base", "90.0", "92.0", "n/a", "96.0", "3.000 (3.000)", at],
+        ["retain", "rmu", "30.0", "42.0", "20%", "90.0", "3.400 (3.300)", at],
+        ["retain", "oracle", "25.0", "27.0", "3%", "90.0", "3.200 (3.200)", at]]
+    assert "| forget | rmu | 30.0 | 78.0 | 80% | 88.0 | 3.600 (3.300) | 0.001, 8, lora, 1, 30 |" \
+        in md
+    assert "(2 x 2 x 1 x 2 x 2 = 16 runs per model" in md
+    assert "learning rate 0.0001, 0.001;" in md and "On the 40 forget questions" in md
+    # the curves: one figure, in both renderings, after the tables
+    assert "![Relearning curves" in md and "](plots/relearning.png)" in md
+    assert md.index("| attack data |") < md.index("![Relearning curves") < md.index(
+        "| attack | verdict |")
+    assert (run / "plots" / "relearning.png").is_file()
+    assert 'alt="Relearning curves' in (run / "report.html").read_text()
+
+
+def test_relearning_curves_are_the_protocols_best_and_mean_per_step(tmp_path, monkeypatch):
+    from wmdp import report_plots
+    from wmdp.robustness import protocol_curves
+
+    curves = protocol_curves(_protocol())
+    assert list(curves) == ["forget", "retain"]
+    assert curves["forget"]["unlearned"] == {"step": [0, 10, 30], "best": [0.3, 0.6, 0.78],
+                                             "mean": [0.3, 0.5, 0.6]}
+    assert curves["retain"]["oracle"]["best"] == [0.25, 0.26, 0.27]
+    drawn = []
+    real = report_plots._pyplot
+
+    def spy():
+        plt = real()
+        orig = plt.Axes.plot
+
+        def plot(ax, x, y, *a, **k):
+            drawn.append((ax.get_title(), k.get("label"), list(x), [round(v, 6) for v in y]))
+            return orig(ax, x, y, *a, **k)
+
+        monkeypatch.setattr(plt.Axes, "plot", plot)
+        return plt
+
+    monkeypatch.setattr(report_plots, "_pyplot", spy)
+    report_plots.relearning_curves(_protocol(), tmp_path / "c.png", "rmu")
+    labelled = [d for d in drawn if d[1]]
+    assert [(t, lab) for t, lab, _, _ in labelled] == [
+        (t, lab) for t in ("forget texts", "retain texts (control)")
+        for lab in ("base", "rmu", "oracle")]
+    assert labelled[1][2:] == ([0, 10, 30], [30.0, 60.0, 78.0])  # percent, step 0 plain
+
+
+def test_report_without_shares_has_no_robustness_tables(tmp_path):
+    md, page = _report(make_run(tmp_path))  # an audit with verdict texts only
+    assert "recovered (" not in md and "| attack data |" not in md
+    assert [t["rows"][0] for t in page.tables if t["rows"][0][0] == "attack"] == [
+        ["attack", "verdict"]]
+
+
+def test_compare_gains_robustness_columns(tmp_path):
+    rmu = make_run(tmp_path / "a").rename(tmp_path / "a" / "rmu")
+    _write(rmu / "audit" / "audit.json", robust_audit())
+    npo = make_run(tmp_path / "b").rename(tmp_path / "b" / "npo")
+    record = json.loads((npo / "unlearned" / "unlearn_config.json").read_text())
+    _write(npo / "unlearned" / "unlearn_config.json", {**record, "method": "npo"})
+    _write(npo / "audit" / "audit.json", {"attacks": {
+        "relearn": {"verdict": _verdict(0.42, 0.2, attacked_control=0.33,
+                                        recovered_fraction_control=0.05)},
+        "ablation": {"verdict": _verdict(0.39, 0.15)}}})
+    plain = tmp_path / "c"
+    _write(plain / "results.json", _results(0.5, 0.7, 0.25, 11.0, "somewhere"))
+    table = run_compare([rmu, npo, plain], output=tmp_path / "cmp")
+    rows = {r["label"]: r for r in table["rows"]}
+    assert rows["rmu"]["robustness"]["worst_case"] == 0.9  # relearn's 90%
+    first, rest = table["markdown"].split("\nEvery other column:")
+    cells = {c[0]: c for c in _cells(first[:first.index("Robustness:")])}
+    assert cells["run"][-1] == "worst-case recovery"
+    assert cells["rmu"][-1] == "90%" and cells["npo"][-1] == "20%"
+    assert cells["base (rmu)"][-1] == cells["Δ rmu"][-1] == cells["c"][-1] == ""
+    robust = first[first.index("Robustness:"):]
+    rcells = _cells(robust)
+    assert rcells[0] == ["run", "method", "worst case", "probe", "relearn", "relearn (control)",
+                         "gcg", "mystery", "mystery (foo)", "protocol", "protocol (retain)",
+                         "ablation"]
+    assert rcells[1] == ["rmu", "rmu", "90%", "40%", "90%", "10%", "n/a", "25%", "5%", "80%",
+                         "20%", ""]
+    assert rcells[2] == ["npo", "npo", "20%", "", "20%", "5%", "", "", "", "", "", "15%"]
+    assert rcells[3] == ["oracle", "oracle", "9%", "", "", "", "", "", "", "9%", "3%", ""]
+    assert len(rcells) == 4  # the plain eval dir has no audit
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["label"] for r in saved["rows"]][2:4] == ["rmu", "npo"]
+    assert saved["rows"][3]["robustness"]["shares"]["ablation"] == 0.15

@@ -358,7 +358,8 @@ def _audit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=_csv, required=True,
                    help="comma-separated forget-domain tasks or groups (e.g. wmdp_bio,wmdp_cyber)")
     p.add_argument("--attacks", type=_csv, default=None,
-                   help="comma-separated: probe,relearn,gcg,fewshot,activations (default: all)")
+                   help="comma-separated: probe,relearn,gcg,fewshot,activations,ablation "
+                        "(the default), and protocol (the relearning grid: opt-in, slow)")
     p.add_argument("--forget-corpora", type=_csv, default=None,
                    help="forget-domain text for relearn and activations (corpus specs)")
     p.add_argument("--retain-corpora", type=_csv, default=None,

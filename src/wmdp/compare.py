@@ -21,7 +21,9 @@ sandbox's held-out cloze `sandbox_forget` and `sandbox_general`, `wmdp`, `mmlu`;
 its tasks of one prompt format): the plot's axes, never an average across formats or across a
 group's seen and letter variants. The table prints the paper's Table 1 first (the forget
 headline's tasks, the general headline, the chat score; after each unlearned row its change from
-the base model of the same run), then every other column, one per line.
+the base model of the same run), then every other column, one per line. A run with an audit
+(`audit/audit.json`) adds its worst-case recovery to Table 1 and a robustness table: every
+attack's share of the gap recovered, the oracle's beside them (`wmdp.robustness`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 from wmdp.config import to_dict
 from wmdp.errors import DataError, WmdpError
 from wmdp.io import atomic_write_text, prepare_output_dir, read_json, write_json
+from wmdp.robustness import compare_table, share_text, summary
 
 DEFAULT_FORGET = ("wmdp*", "sandbox_forget*", "sandbox_bio*", "sandbox_cyber*")
 PPL_METRIC = "word_perplexity"
@@ -50,6 +53,7 @@ class Row:
     source: str           # where results.json was read
     chat: float | None = None  # judged chat score (1-10) of chat_*/chat_results.json, if any
     base: Row | None = None    # the base row of the same run directory: the change is from it
+    audit: dict | None = None  # the run's audit/audit.json: its robustness columns
 
 
 # -- reading runs -------------------------------------------------------------------------------
@@ -154,6 +158,8 @@ def load_runs(paths: list[str | Path]) -> list[Row]:
                 rows.append(_row(p.name, results, unl_file, record,
                                  p / "chat_unlearned" / CHAT_RESULTS))
                 rows[-1].base = base
+                audit = p / "audit" / "audit.json"
+                rows[-1].audit = read_json(audit) if audit.is_file() else None
         elif (p / RESULTS).is_file():
             results = _read(p / RESULTS)
             rows.append(_row(p.name, results, p / RESULTS, _record_of(results)))
@@ -280,10 +286,12 @@ def comparison(rows: list[Row], forget: list[str] | tuple[str, ...] = DEFAULT_FO
         out_rows.append({"label": r.label, "method": r.method, "settings": r.settings,
                          "source": r.source, "values": values, "chat_score": r.chat,
                          "base": r.base.label if r.base is not None else None,
+                         "robustness": summary(r.audit),
                          "forget_acc": _mean([_get(values, n) for n in cols["headline_forget"]]),
                          "general_acc": _mean([_get(values, n) for n in cols["headline_general"]])})
     return {"metric": metric, "forget_patterns": list(forget), "columns": cols, "rows": out_rows,
-            "chat": any(r.chat is not None for r in rows)}
+            "chat": any(r.chat is not None for r in rows),
+            "robustness": any(r["robustness"] for r in out_rows)}
 
 
 def _get(values: dict, name: str) -> float | None:
@@ -317,26 +325,37 @@ def format_markdown(table: dict) -> str:
     """The paper's Table 1 first (forget tasks, the general headline, chat score; each
     unlearned row followed by its change from its base), then every column, one per line."""
     cols, rows = table["columns"], table["rows"]
-    chat = bool(table.get("chat"))
+    chat, robust = bool(table.get("chat")), bool(table.get("robustness"))
     by_label = {r["label"]: r for r in rows}
     body = []
     for r in rows:
         v = r["values"]
         score = "" if r["chat_score"] is None else f"{r['chat_score']:.2f}"
+        worst = share_text(r["robustness"]["worst_case"]) if r.get("robustness") else ""
         body.append([r["label"], r["method"]] + [_pct(v[n]) for n in cols["table1"]]
-                    + ([score] if chat else []))
+                    + ([score] if chat else []) + ([worst] if robust else []))
         base = by_label.get(r["base"] or "")
         if base is not None:  # the change from the base model of the same run
             bscore = base["chat_score"]
             body.append([f"Δ {r['label']}", "vs base"]
                         + [_change(base["values"][n], v[n]) for n in cols["table1"]]
                         + ([f"{r['chat_score'] - bscore:+.2f}" if r["chat_score"] is not None
-                            and bscore is not None else ""] if chat else []))
-    lines = _table(["run", "method"] + cols["table1"] + (["chat score"] if chat else []), body, 2)
+                            and bscore is not None else ""] if chat else [])
+                        + ([""] if robust else []))
+    lines = _table(["run", "method"] + cols["table1"] + (["chat score"] if chat else [])
+                   + (["worst-case recovery"] if robust else []), body, 2)
     lines.append(f"\n{table['metric']} in percent; Δ in points. Forget: "
                  f"{', '.join(cols['headline_forget']) or 'none'}; general: "
                  f"{', '.join(cols['headline_general']) or 'none'}."
-                 + (" Chat score: judged 1-10 (MT-Bench style)." if chat else ""))
+                 + (" Chat score: judged 1-10 (MT-Bench style)." if chat else "")
+                 + (" Worst-case recovery: the highest share of the unlearning gap any attack "
+                    "of the run's audit recovers (below)." if robust else ""))
+    if robust:
+        lines += ["\nRobustness: the share of the unlearning gap each attack recovers, "
+                  "(attacked - unlearned) / (base - unlearned), from each run's audit/audit.json "
+                  "(n/a: no gap to recover; the oracle, never trained on the forget domains, is "
+                  "the floor):", ""]
+        lines += _table(*compare_table(rows), 2)
     settings = [f"- {r['label']} ({r['method']}): {r['settings']}" for r in rows if r["settings"]]
     if settings:
         lines += ["\nSettings (hyperparameters that differ from the method's defaults):"] + settings

@@ -71,10 +71,11 @@ class UnlearnSection:
 @dataclass
 class AuditSection:
     attacks: list[str] = field(default_factory=lambda: ["probe", "relearn", "gcg", "fewshot",
-                                                        "activations"])
+                                                        "activations", "ablation"])
     tasks: list[str] = field(default_factory=list)  # default: the eval section's forget tasks
     preset: str | None = None         # "gpu" sizes the attacks for 7B-class models
     settings: dict[str, Any] = field(default_factory=dict)  # the audit's own settings, e.g. gcg:
+    protocol: bool = False            # also the relearning protocol (a grid of runs: slow)
 
 
 @dataclass
@@ -301,15 +302,29 @@ class Pipeline:
         unlearn = self.unlearn_settings()[2]
         settings = {"model": str(self.dir / "unlearned"), "base": self.base_model(),
                     "tasks": a.tasks or tasks or [t for t in e.forget if t in self._leaf_tasks()],
-                    "attacks": a.attacks, "output": str(self.dir / "audit"),
+                    "attacks": list(dict.fromkeys(a.attacks + ["protocol"] * a.protocol)),
+                    "output": str(self.dir / "audit"),
                     "forget_corpora": unlearn.forget_corpora,
                     "retain_corpora": list(dict.fromkeys(unlearn.retain_corpora)),
                     "min_len": unlearn.min_len, "data_dir": self.data_dir(),
                     "task_files": self._task_files(), "prompt_style": e.prompt_style,
                     "format": e.format, "base_revision": c.revision,
                     **{k: v for k, v in self.model_fields("", None).items()
-                       if k not in ("model", "revision")}, **a.settings}
+                       if k not in ("model", "revision")}, **a.settings,
+                    **self._protocol_settings()}
         return audit_config(preset=a.preset, settings=settings)
+
+    def _protocol_settings(self) -> dict[str, Any]:
+        """The relearning protocol's oracle (the run's sandbox's, when it trains one) and
+        general tasks (outside the sandbox: the near subjects), under the config's own."""
+        own = dict(self.config.audit.settings.get("protocol") or {})
+        if self.config.sandbox is not None and self.config.sandbox.oracle:
+            from wmdp.sandbox.oracle import oracle_model_dir
+
+            own.setdefault("oracle", str(oracle_model_dir(self.sandbox_dir)))
+        elif self.config.sandbox is None and self.config.eval.near:
+            own.setdefault("general_tasks", list(self.config.eval.near))
+        return {"protocol": own} if own else {}
 
     def _leaf_tasks(self) -> set[str]:
         from wmdp.tasks import Registry
@@ -359,7 +374,8 @@ AUDIT_MINIMUMS = {"probe.control_shuffles": 0, "relearn.num_texts": 1,
                   "relearn.max_length": 1, "relearn.lora_rank": 1, "gcg.num_train": 1,
                   "gcg.steps": 1, "gcg.search_width": 1, "gcg.topk": 1, "gcg.n_replace": 1,
                   "gcg.eval_batch_size": 1, "fewshot.pool_size": 1, "activations.num_texts": 1,
-                  "activations.max_length": 1, "activations.batch_size": 1}
+                  "activations.max_length": 1, "activations.batch_size": 1,
+                  "ablation.num_texts": 1, "ablation.max_length": 1, "ablation.batch_size": 1}
 
 
 def check_run(pipe: Pipeline) -> None:

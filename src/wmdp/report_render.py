@@ -57,7 +57,8 @@ class Doc:
             elif kind == "table":
                 header, rows, _ = x
                 out.append("| " + " | ".join(header) + " |")
-                out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+                out.append("|" + "|".join("---:" if _numeric_column(rows, i) else "---"
+                                          for i in range(len(header))) + "|")
                 out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
                 out.append("")
             elif kind == "img":
@@ -117,9 +118,22 @@ def _table_html(header: list[str], rows: list[list[str]], main: bool) -> str:
     return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _numeric_column(rows: list[list[str]], i: int) -> bool:
+    """Right-align a column (after the first) whose filled cells are all figures."""
+    cells = [r[i] for r in rows if i < len(r) and r[i]]
+    return i > 0 and bool(cells) and all(_numeric(c) for c in cells)
+
+
 def _numeric(text: str) -> bool:
+    """A number, a percentage, "n/a", or numbers joined by → and parentheses ("30.0 → 54.0",
+    "3.100 (3.000)"): right-aligned, so figures line up down a column."""
+    parts = text.replace("→", " ").replace("(", " ").replace(")", " ").split()
+    if not parts:
+        return False
     try:
-        float(text.rstrip("%"))
+        for part in parts:
+            if part != "n/a":
+                float(part.rstrip("%"))
         return True
     except ValueError:
         return False

@@ -5,6 +5,7 @@
     gcg.png          the GCG objective against steps
     fewshot.png      accuracy per prompt context
     activations.png  mean activation norm per layer on forget and retain text
+    protocol.png     the relearning protocol's curves: base, unlearned and oracle, per attack data
 """
 
 from __future__ import annotations
@@ -126,10 +127,19 @@ def plot_activations(result: dict, path: Path) -> str:
     return _save(fig, path)
 
 
+def plot_protocol(result: dict, path: Path) -> str:
+    from wmdp.report_plots import relearning_curves  # the report draws the same figure
+
+    return relearning_curves(result, path).name
+
+
 PLOTS = {"probe": plot_probe, "relearn": plot_relearn, "gcg": plot_gcg,
-         "fewshot": plot_fewshot, "activations": plot_activations}
+         "fewshot": plot_fewshot, "activations": plot_activations, "protocol": plot_protocol}
 
 
-def plot_attack(attack: str, result: dict, out: Path) -> str:
-    """Draw `attack`'s figure into `out/<attack>.png`; returns the file name."""
+def plot_attack(attack: str, result: dict, out: Path) -> str | None:
+    """Draw `attack`'s figure into `out/<attack>.png`; returns the file name (None for an
+    attack with no figure)."""
+    if attack not in PLOTS:
+        return None
     return PLOTS[attack](result, out / f"{attack}.png")

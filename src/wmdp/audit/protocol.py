@@ -2,6 +2,7 @@
 for every model (base, unlearned, oracle), reported as its worst case.
 
     python -m wmdp.audit.protocol SANDBOX_DIR UNLEARNED_DIR --output protocol.json [key=value]
+    wmdp audit --attacks protocol ... [--set protocol.lrs=[1e-4,1e-3] ...]   # inside the audit
 
     inputs = sandbox_inputs("sandbox", "runs/sandbox/unlearned")
     record = run_protocol(inputs, ProtocolConfig(seeds=[0, 1, 2]))
@@ -23,6 +24,14 @@ Each run trains and restores the model with the relearn attack's own machinery (
 full fine-tuning restored from a CPU snapshot, or peft LoRA unloaded; its text selection; its
 batching and seeded epoch order), so a grid point equal to `wmdp audit`'s relearn settings
 gives relearn's curve (tested).
+
+Inside `wmdp audit` (`--attacks ...,protocol`; opt-in: the grid is many fine-tuning runs) the
+audit's models, questions and corpora are the protocol's (its retain corpora are the control),
+with the oracle found beside a sandbox base model (`<build>/oracle/model`, or `protocol.oracle`),
+the general tasks and out-of-domain text the sandbox's (or `protocol.general_tasks`,
+`protocol.general_corpora`), and retain perplexity on the audit's retain texts none of the runs
+trained on. Its verdict (`protocol_verdict`) reports the unlearned model's worst case per attack
+data as `recovered_fraction[_retain|_general]`, and the oracle's beside it (`protocol_audit`).
 """
 
 from __future__ import annotations
@@ -42,10 +51,15 @@ from wmdp.data.corpus import Corpus
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
 from wmdp.models import input_device
+from wmdp.robustness import PROTOCOL_HEADER, protocol_rows
 from wmdp.tasks import Task
 from wmdp.unlearn.batches import chunk, tokenize, training_tokenizer
 
 DATA = ("forget", "retain", "general")
+# the sandbox's ability after an attack (its general domains) and its out-of-domain text (the
+# far domain, geography: neither forget domain's near neighbour)
+SANDBOX_GENERAL_TASKS = ["sandbox_botany", "sandbox_software", "sandbox_geography"]
+SANDBOX_GENERAL_CORPUS = "retain_geography.jsonl"
 
 
 @dataclass
@@ -64,7 +78,11 @@ class ProtocolConfig:
     lora_alpha: float = 16.0
     ppl_texts: int = 64               # retain texts (none trained on) scored for perplexity
     eval_batch_size: int = 64
-    prompt_style: str = "lmeval"
+    prompt_style: str = "lmeval"      # inside the audit: the audit's
+    # inside `wmdp audit` only (the module's own command takes these from the sandbox):
+    oracle: str = ""                  # "": beside a sandbox base model, if built; "none": none
+    general_tasks: list[str] = field(default_factory=list)    # "": a sandbox's general domains
+    general_corpora: list[str] = field(default_factory=list)  # "": a sandbox's far domain
 
 
 @dataclass
@@ -79,17 +97,29 @@ class ProtocolInputs:
     ppl_corpus: list[str] = field(default_factory=list)  # retain text for perplexity
 
 
-def _check(config: ProtocolConfig, inputs: ProtocolInputs) -> None:
+def check_grid(config: ProtocolConfig) -> None:
+    """The grid's own settings (before any model loads)."""
     problems = [
-        (not {"base", "unlearned"} <= set(inputs.models), "needs a base and an unlearned model"),
-        (not set(config.data) <= set(DATA), f"data must be among {', '.join(DATA)}"),
-        (any(d not in inputs.corpora or not inputs.corpora[d] for d in config.data),
-         "every attack data kind needs corpora"),
+        (not config.data or not set(config.data) <= set(DATA),
+         f"data must be among {', '.join(DATA)}"),
+        (min(config.batch_size, config.max_length, config.lora_rank) < 1,
+         "batch_size, max_length and lora_rank must be positive"),
         (not config.checkpoints or min(config.checkpoints) < 1, "checkpoints must be positive"),
         (not config.lrs or not config.sizes or not config.seeds, "an empty grid axis"),
         (not set(config.methods) <= {"full", "lora"}, "methods must be full or lora"),
+        (min(config.sizes or [1]) < 1, "sizes must be positive"),
     ]
     for bad, message in problems:
+        if bad:
+            raise WmdpError(f"relearning protocol: {message}")
+
+
+def _check(config: ProtocolConfig, inputs: ProtocolInputs) -> None:
+    check_grid(config)
+    for bad, message in [
+        (not {"base", "unlearned"} <= set(inputs.models), "needs a base and an unlearned model"),
+        (any(d not in inputs.corpora or not inputs.corpora[d] for d in config.data),
+         "every attack data kind needs corpora")]:
         if bad:
             raise WmdpError(f"relearning protocol: {message}")
 
@@ -179,7 +209,8 @@ def run_protocol(inputs: ProtocolInputs, config: ProtocolConfig | None = None,
     ppl = [t for t in inputs.ppl_corpus if t not in trained][:config.ppl_texts]
     grid = [(kind, lr, size, method, seed) for kind in config.data for lr in config.lrs
             for size in config.sizes for method in config.methods for seed in config.seeds]
-    bar = tqdm(total=len(grid) * len(inputs.models), desc="relearning grid", disable=not progress)
+    bar = tqdm(total=len(grid) * len(inputs.models), desc="relearning grid", unit="runs",
+               disable=not progress)
     models: dict[str, Any] = {}
     for role, (model, tok) in inputs.models.items():
         def evaluate(m: Any, tok: Any = tok) -> dict:
@@ -229,20 +260,11 @@ def _worst(model: dict, kind: str, base_plain: float, config: ProtocolConfig) ->
 
 
 def protocol_table(record: dict) -> str:
-    """Markdown: per model and attack data, plain -> worst case, share, ability after."""
-    lines = ["| model | attack data | plain | worst case | recovered share | at (lr, texts, "
-             "method, seed, step) | general acc after (min) | retain ppl after (plain) |",
-             "|---|---|---:|---:|---:|---|---:|---:|"]
-    for role, m in record["models"].items():
-        for kind, a in m["attacks"].items():
-            w, share = a["worst_case"], a["recovered_share"]
-            ppl = "" if w["retain_ppl"] is None else \
-                f"{w['retain_ppl']:.3f} ({m['plain']['retain_ppl']:.3f})"
-            lines.append(
-                f"| {role} | {kind} | {m['plain']['forget_acc']:.3f} | {w['forget_acc']:.3f} | "
-                f"{'' if share is None else f'{share:.0%}'} | {w['lr']:g}, {w['size']}, "
-                f"{w['method']}, {w['seed']}, {w['step']} | {w['general_acc']:.3f} | {ppl} |")
-    return "\n".join(lines)
+    """Markdown: per attack data and model, plain -> worst case, share, ability after."""
+    rows = protocol_rows(record)
+    return "\n".join(["| " + " | ".join(PROTOCOL_HEADER) + " |",
+                      "|---|---|" + "---:|" * 5 + "---|"] + ["| " + " | ".join(r) + " |"
+                                                             for r in rows])
 
 
 def sandbox_inputs(sandbox_dir: str | Path, unlearned: str | Path) -> ProtocolInputs:
@@ -258,8 +280,7 @@ def sandbox_inputs(sandbox_dir: str | Path, unlearned: str | Path) -> ProtocolIn
     data = root / "data"
     reg = Registry.build(data)
     forget = {t: reg.tasks[t] for t in ("sandbox_bio", "sandbox_cyber")}
-    general = {t: reg.tasks[t] for t in ("sandbox_botany", "sandbox_software",
-                                         "sandbox_geography")}
+    general = {t: reg.tasks[t] for t in SANDBOX_GENERAL_TASKS}
     paths = {"base": root / "model", "unlearned": Path(unlearned),
              "oracle": oracle_model_dir(root)}
     models = {r: load_model(p, dtype="float32", device="cpu") for r, p in paths.items()
@@ -269,7 +290,7 @@ def sandbox_inputs(sandbox_dir: str | Path, unlearned: str | Path) -> ProtocolIn
         models, forget, general, {t: task.load_items() for t, task in {**forget, **general}.items()},
         {"forget": corpus("forget_bio.jsonl", "forget_cyber.jsonl"),
          "retain": corpus("retain_botany.jsonl", "retain_software.jsonl"),
-         "general": corpus("retain_geography.jsonl")},
+         "general": corpus(SANDBOX_GENERAL_CORPUS)},
         list(reversed(load_corpus(data / "retain.jsonl").texts)))
 
 

@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from wmdp.audit.ablation import AblationConfig, run_ablation
 from wmdp.audit.activations import ActivationsConfig, run_activations
 from wmdp.audit.common import ROLES, AuditContext, Subject, task_accuracy
 from wmdp.audit.fewshot import FewshotConfig, run_fewshot
 from wmdp.audit.gcg import GCGConfig, run_gcg
 from wmdp.audit.probe import ProbeConfig, run_probe
+from wmdp.audit.protocol import ProtocolConfig, check_grid
+from wmdp.audit.protocol_audit import protocol_verdict, run_protocol_attack
 from wmdp.audit.relearn import RelearnConfig, run_relearn
 from wmdp.audit.verdicts import gap_tasks, verdict
 from wmdp.config import apply_overrides, from_dict, load_yaml, to_dict
@@ -40,8 +43,10 @@ from wmdp.tasks import PROMPT_STYLES, Registry
 AUDIT = "audit.json"
 ATTACKS: dict[str, Callable[[AuditContext, Any], dict]] = {
     "probe": run_probe, "relearn": run_relearn, "gcg": run_gcg, "fewshot": run_fewshot,
-    "activations": run_activations}
-NEEDS_CORPORA = ("relearn", "activations")
+    "activations": run_activations, "ablation": run_ablation}
+ATTACKS["protocol"] = run_protocol_attack  # the relearning protocol: a grid of fine-tuning runs
+OPT_IN = ("protocol",)                     # so it runs only when named
+NEEDS_CORPORA = ("relearn", "activations", "protocol", "ablation")
 AUDIT_LAYOUT = """\
 audit.json
   fingerprint, config (every setting), versions, seconds
@@ -51,6 +56,8 @@ audit.json
   attacks: {attack: config, config_sha256, seconds, verdict {pooled figures, text},
             recovery {task: n, base, unlearned, attacked, base_attacked, ...},
             and the attack's own figures (tasks {...} or per-layer lists)}
+    (protocol, opt-in: models {base, unlearned, oracle}: plain, runs, attacks {data: worst_case,
+     recovered_share, curve}; questions, texts, sources; see wmdp.audit.protocol)
   gap_tasks: tasks the verdicts pool (base above chance, unlearning took >= 0.05 off it)
   verdicts: {attack: text}
   plots: {attack: file name}
@@ -67,7 +74,7 @@ class AuditConfig(ModelSpec):
     base: str = ""                    # the model before unlearning
     output: str = ""                  # the audit's directory ("": return the record only)
     tasks: list[str] = field(default_factory=list)  # audited (forget-domain) tasks or groups
-    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))  # which attacks run
+    attacks: list[str] = field(default_factory=lambda: [a for a in ATTACKS if a not in OPT_IN])
     forget_corpora: list[str] = field(default_factory=list)  # relearn and activations text
     retain_corpora: list[str] = field(default_factory=list)  # their control text
     min_len: int = 0                  # corpus texts of at most this many characters are dropped
@@ -85,6 +92,8 @@ class AuditConfig(ModelSpec):
     gcg: GCGConfig = field(default_factory=GCGConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
     def fingerprint(self) -> str:
         """The shared settings; each attack's own settings are checked when it resumes."""
@@ -102,7 +111,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "gcg": {"num_train": 20, "steps": 250, "suffix_init": " x" * 20,
                     "search_width": 512, "topk": 256, "eval_batch_size": 128},
             "fewshot": {"pool_size": 25},
-            "activations": {"num_texts": 64, "max_length": 512, "batch_size": 8}},
+            "activations": {"num_texts": 64, "max_length": 512, "batch_size": 8},
+            "ablation": {"num_texts": 32, "max_length": 512, "batch_size": 8}},
 }
 
 
@@ -132,7 +142,7 @@ def _check(config: AuditConfig) -> None:
     if unknown:
         raise WmdpError(f"unknown attack {unknown[0]!r} (known: {', '.join(ATTACKS)})")
     if not config.attacks:
-        raise WmdpError("no attack named (--attacks probe,relearn,gcg,fewshot,activations)")
+        raise WmdpError(f"no attack named (--attacks {','.join(ATTACKS)})")
     if not config.tasks:
         raise WmdpError("no task named (--tasks wmdp_bio,... : the forget-domain tasks)")
     if config.prompt_style not in PROMPT_STYLES:
@@ -143,6 +153,8 @@ def _check(config: AuditConfig) -> None:
                                                           or len(set(probe.layers)) > 1):
         raise WmdpError(f"probe.folds is {probe.folds}: choosing the probe's layer needs at "
                         "least 3 folds (an inner cross-validation inside each outer one)")
+    if "protocol" in config.attacks:
+        check_grid(config.protocol)
     for attack in NEEDS_CORPORA:
         if attack in config.attacks and not (config.forget_corpora and config.retain_corpora):
             raise WmdpError(f"the {attack} attack needs --forget-corpora and --retain-corpora")
@@ -249,16 +261,18 @@ def _run_attack(attack: str, attack_config: Any, ctx: AuditContext, record: dict
     result = {"config": to_dict(attack_config), "config_sha256": digest,
               **ATTACKS[attack](ctx, attack_config)}
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["verdict"] = verdict(attack, result, record["gap_tasks"])
+    result["verdict"] = protocol_verdict(result) if attack == "protocol" else \
+        verdict(attack, result, record["gap_tasks"])
     record["attacks"][attack] = result
     if ctx.progress:  # the progress bars vanish; a log keeps this line
         print(f"audit: {attack} finished in {result['seconds']:.0f} s: "
               f"{headline(attack, result['verdict'])}", file=sys.stderr, flush=True)
     if out is not None:
-        from wmdp.audit.plots import plot_attack
+        from wmdp.audit.plots import PLOTS, plot_attack
 
         write_json(out / f"{attack}.json", result)
-        record["plots"][attack] = plot_attack(attack, result, out)
+        if attack in PLOTS:  # an attack without a figure has its JSON and verdict only
+            record["plots"][attack] = plot_attack(attack, result, out)
     _write(out, record)
 
 
