@@ -112,7 +112,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "search_width": 512, "topk": 256, "eval_batch_size": 128},
             "fewshot": {"pool_size": 25},
             "activations": {"num_texts": 64, "max_length": 512, "batch_size": 8},
-            "ablation": {"num_texts": 32, "max_length": 512, "batch_size": 8}},
+            "ablation": {"num_texts": 32, "max_length": 512, "batch_size": 8},
+            # 3 data x 3 lrs x 3 seeds = 27 LoRA runs of 100 steps a model, read at 25/50/100
+            "protocol": {"lrs": [2e-5, 1e-4, 2e-4], "checkpoints": [25, 50, 100],
+                         "sizes": [64], "methods": ["lora"], "batch_size": 8,
+                         "max_length": 512, "lora_rank": 16, "lora_alpha": 32.0,
+                         "eval_batch_size": 16}},
 }
 
 
