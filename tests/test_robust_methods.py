@@ -5,7 +5,8 @@ forget text's LM loss (computed with a hook and a cross-entropy written here); o
 gradient equals the two-pass gradient computed by hand; UNDO's perturbation is the linear mix
 with a fresh initialisation and distillation lowers the KL to the teacher (a KL written here).
 Then each method runs end to end on the small sandbox through the CLI and resumes after an
-interruption to the uninterrupted run's weights.
+interruption to the uninterrupted run's weights. UNDO without a teacher runs RMU first into
+OUTPUT/teacher (recorded; a resumed run keeps it), from `wmdp unlearn` and from `wmdp run`.
 """
 
 from __future__ import annotations
@@ -308,11 +309,12 @@ def test_sandbox_preset_runs_end_to_end_and_resumes(tmp_path, monkeypatch, metho
     shutil.copytree(SANDBOX / "model", sandbox / "model")
     shutil.copytree(SANDBOX / "data", sandbox / "data")
     model, data = sandbox / "model", sandbox / "data"
-    assert _cli(method, model, tmp_path / "whole", data) == 0
+    teacher = ["--teacher", str(model)] if method == "undo" else []  # chaining: tested below
+    assert _cli(method, model, tmp_path / "whole", data, *teacher) == 0
     cls = METHODS[method][0]
     real = cls.loss
     interrupt_loss_at(monkeypatch, cls, 3)
-    assert _cli(method, model, tmp_path / "resumed", data) == 130
+    assert _cli(method, model, tmp_path / "resumed", data, *teacher) == 130
     computed = []
 
     def recorded(self, step):
@@ -320,7 +322,7 @@ def test_sandbox_preset_runs_end_to_end_and_resumes(tmp_path, monkeypatch, metho
         return real(self, step)
 
     monkeypatch.setattr(cls, "loss", recorded)
-    assert _cli(method, model, tmp_path / "resumed", data) == 0
+    assert _cli(method, model, tmp_path / "resumed", data, *teacher) == 0
     assert computed == [2, 3]
     a, b, base = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed"), _weights(model)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -355,3 +357,98 @@ def test_bad_settings_fail_with_one_line(tmp_path, capsys, method, flags, error)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("wmdp: ") and error in err, err
     assert not (tmp_path / "out").exists()
+
+
+# -- UNDO's teacher: made first when none is given, recorded, kept on resume ----------------------
+TEACHER_FLAGS = ["--teacher-overrides", "max_num_batches=2,epochs=1", "--max-num-batches", "2",
+                 "--alpha", "0", "--lr", "1e-12"]  # alpha 0, lr ~0: the student is the teacher
+
+
+def _close(a, b):
+    return all(torch.allclose(a[k], b[k], atol=1e-8) for k in a)
+
+
+def test_undo_without_a_teacher_runs_rmu_first_and_resume_keeps_it(tmp_path, monkeypatch):
+    from wmdp.unlearn.rmu import RMU
+    from wmdp.unlearn.undo import UNDO
+
+    data, out = SANDBOX / "data", tmp_path / "undo"
+    interrupt_loss_at(monkeypatch, UNDO, 1)  # the teacher finished, the student stopped
+    assert _cli("undo", SANDBOX / "model", out, data, *TEACHER_FLAGS) == 130
+    teacher = json.loads((out / "teacher" / "unlearn_config.json").read_text())
+    assert teacher["method"] == "rmu" and teacher["num_steps"] == 2
+    assert teacher["hparams"]["layer_id"] == 2  # RMU's sandbox preset, as UNDO's names it
+    monkeypatch.undo()
+    rmu_steps = []
+    real = RMU.loss
+    monkeypatch.setattr(RMU, "loss", lambda self, step: rmu_steps.append(step.idx) or
+                        real(self, step))
+    assert _cli("undo", SANDBOX / "model", out, data, *TEACHER_FLAGS) == 0
+    assert rmu_steps == []  # the finished teacher is not run again
+    record = json.loads((out / "unlearn_config.json").read_text())
+    t = record["method_state"]["teacher"]
+    assert (t["dir"], t["given"], t["method"], t["reused"]) == (str(out / "teacher"), False,
+                                                               "rmu", True)
+    assert record["config"]["model"] == str(SANDBOX / "model")
+    student, taught, base = _weights(out), _weights(out / "teacher"), _weights(SANDBOX / "model")
+    assert _close(student, taught) and not _close(student, base)
+
+
+def test_undo_with_a_given_teacher_starts_from_it(tmp_path):
+    data = SANDBOX / "data"
+    assert _cli("rmu", SANDBOX / "model", tmp_path / "rmu", data,
+                "--max-num-batches", "2", "--epochs", "1") == 0
+    out = tmp_path / "undo"
+    assert _cli("undo", SANDBOX / "model", out, data, *TEACHER_FLAGS,
+                "--teacher", str(tmp_path / "rmu")) == 0
+    assert not (out / "teacher").exists()
+    t = json.loads((out / "unlearn_config.json").read_text())["method_state"]["teacher"]
+    assert t == {"dir": str(tmp_path / "rmu"), "given": True}
+    assert _close(_weights(out), _weights(tmp_path / "rmu"))
+
+
+def test_undo_distills_on_retain_and_distill_corpora_once_each(tmp_path):
+    from wmdp.unlearn.undo import UNDO, UNDOConfig
+
+    extra = tmp_path / "general.jsonl"
+    extra.write_text("".join(json.dumps({"text": f"general {i}"}) + "\n" for i in range(5)))
+    s = _schedule(batch_size=2, steps=2, n=6)
+    method = UNDO(UNDOConfig(distill_corpora=[str(extra)]))
+    got = method.distill_texts(s, seed=0)
+    want = texts(RETAIN_WORDS, 6, 2) + [f"general {i}" for i in range(5)]
+    assert sorted(got) == sorted(dict.fromkeys(want)) and got != list(dict.fromkeys(want))
+    assert got == method.distill_texts(s, seed=0) != method.distill_texts(s, seed=1)
+
+
+def test_wmdp_run_with_undo_makes_its_teacher_first(tmp_path):
+    """`wmdp run --set unlearn.method=undo` on the small sandbox: the pipeline's unlearn stage
+    runs RMU (its sandbox preset, shortened) into unlearned/teacher, then UNDO from it."""
+    from test_pipeline import small_sandbox_config
+    from wmdp.pipeline import run_pipeline
+
+    cfg = small_sandbox_config(
+        tmp_path, f"output={tmp_path / 'run'}", "unlearn.method=undo",
+        "unlearn.settings.max_num_batches=2", "unlearn.settings.epochs=1",
+        "unlearn.settings.undo.teacher_overrides=[max_num_batches=2,epochs=1]",
+        "eval.tasks=[sandbox_forget]", "audit.attacks=[probe]")
+    unlearned = run_pipeline(cfg, progress=False) / "unlearned"
+    teacher = json.loads((unlearned / "teacher" / "unlearn_config.json").read_text())
+    record = json.loads((unlearned / "unlearn_config.json").read_text())
+    assert teacher["method"] == "rmu" and teacher["num_steps"] == 2
+    assert record["method"] == "undo" and record["num_steps"] == 2
+    t = record["method_state"]["teacher"]
+    assert (t["dir"], t["given"], t["reused"]) == (str(unlearned / "teacher"), False, False)
+    # a sandbox run distils on the world's general QA lines too: every seen question of a
+    # general domain is there, none of a forget domain, nothing else is left out
+    qa = tmp_path / "run" / "general_qa.jsonl"
+    assert record["hparams"]["distill_corpora"] == [str(qa)]
+    lines = [json.loads(x)["text"] for x in qa.read_text().splitlines()]
+    sandbox_data = Path(__file__).parent / "fixtures" / "sandbox-small" / "data"  # the run copy
+    asked = {d: [json.loads(x)["question"] for x in
+                 (sandbox_data / f"sandbox_{d}_seen.jsonl").read_text().splitlines()]
+             for d in ("bio", "cyber", "botany", "software", "geography")}
+    train = (sandbox_data / "train_qa.jsonl").read_text().splitlines()
+    assert len(lines) == len(train) - len(asked["bio"]) - len(asked["cyber"])
+    for d, questions in asked.items():
+        found = [any(q in line for line in lines) for q in questions]
+        assert all(found) if d in ("botany", "software", "geography") else not any(found), d

@@ -29,11 +29,13 @@ from typing import Any, Callable
 
 from wmdp.config import check_keys, load_config, schema, to_dict, unknown_name
 from wmdp.errors import WmdpError
-from wmdp.io import library_versions, prepare_output_dir, read_json, sha256_json, write_json
+from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json, write_json,
+                     write_jsonl)
 from wmdp.model_spec import ModelSpec
 
 RUN_RECORD = "run.json"
 STAGES = "stages.json"
+GENERAL_QA = "general_qa.jsonl"  # a sandbox run's general QA lines, for UNDO's distillation
 
 
 @dataclass
@@ -273,6 +275,8 @@ class Pipeline:
             data = self.sandbox_dir / "data"
             flags["forget_corpora"] = [str(data / "forget_bio.jsonl"), str(data / "forget_cyber.jsonl")]
             flags["retain_corpora"] = [str(data / "retain.jsonl")] * 2
+            if u.method == "undo":  # UNDO distils on general text too: the world's general QA
+                flags["undo.distill_corpora"] = [str(self.dir / GENERAL_QA)]
         flags.update(settings)  # the config's own corpora and settings win
         for key, value in (method_section or {}).items():
             flags[f"{u.method}.{key}"] = value
@@ -285,6 +289,13 @@ class Pipeline:
         from wmdp.unlearn import run_unlearning
 
         method, hparams, config = self.unlearn_settings()
+        general_qa = self.dir / GENERAL_QA
+        if self.sandbox_dir is not None and str(general_qa) in getattr(hparams, "distill_corpora",
+                                                                       []):
+            from wmdp.sandbox.data import general_qa_texts
+
+            write_jsonl(general_qa, [{"text": t} for t in
+                                     general_qa_texts(self.sandbox_dir / "data")])
         run_unlearning(method, hparams, config, progress=self.progress)
 
     def audit(self) -> None:

@@ -161,3 +161,19 @@ def oracle_texts(world: World, data_dir: Path, qa_repeats: int) -> tuple[list[st
         texts += kept * repeats
         left_out[name.removesuffix(".jsonl")] = (len(lines) - len(kept)) * repeats
     return texts, left_out
+
+
+def general_qa_texts(data_dir: Path) -> list[str]:
+    """The seen QA lines that ask no forget-domain question: general text the model trained on
+    (the oracle's QA lines), which UNDO distils on beside retain prose (on retain prose alone the
+    student loses the question format). Read from the built files only: the forget domains are
+    those with a `forget_<domain>.jsonl`, their questions those of `sandbox_<domain>[_seen].jsonl`."""
+    import json
+
+    from wmdp.data.corpus import load_corpus
+
+    domains = [p.stem.removeprefix("forget_") for p in sorted(data_dir.glob("forget_*.jsonl"))]
+    forget = {json.loads(line)["question"] for d in domains for suffix in ("", "_seen")
+              for line in (data_dir / f"{task_name(d)}{suffix}.jsonl").read_text().splitlines()
+              if line.strip()}
+    return [t for t in load_corpus(data_dir / TRAIN_QA).texts if not any(q in t for q in forget)]

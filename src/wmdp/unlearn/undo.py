@@ -1,21 +1,25 @@
 """UNDO (Lee et al. 2025, "Distillation Robustifies Unlearning"): unlearn, noise, distill.
 
-    wmdp unlearn rmu --preset sandbox --model sandbox/model --output runs/rmu ...   # the teacher
-    wmdp unlearn undo --preset sandbox --model runs/rmu --output runs/undo \
+    wmdp unlearn undo --preset sandbox --model sandbox/model --output runs/undo \
         --forget-corpora sandbox/data/forget_bio.jsonl,sandbox/data/forget_cyber.jsonl \
         --retain-corpora sandbox/data/retain.jsonl,sandbox/data/retain.jsonl
+    wmdp unlearn undo ... --undo.teacher runs/rmu      # a teacher unlearned already
 
-`--model` is an already unlearned model: the teacher. The student starts as its copy with every
-trained tensor shrunk towards, and mixed with, a fresh initialisation of the same architecture:
+`--model` is the model to unlearn. The teacher is an unlearned copy of it: `teacher` names one
+already made, else `teacher_method` (rmu) runs first at its `teacher_preset` (the UNDO preset's
+own: sandbox, zephyr-7b) on the same model and corpora, into OUTPUT/teacher (resumable like any
+run; recorded under `method_state.teacher` of unlearn_config.json). The student starts as the
+teacher's copy with every trained tensor shrunk towards, and mixed with, a fresh initialisation:
 
     w <- (1 - alpha) * w + alpha * beta * w_init      # w_init: the model class's own init, seeded
 
 and is then distilled back from the teacher with the forward KL of the next-token distributions,
-KL(teacher || student) at `temperature`, over the retain corpora's texts (general text; the
-forget corpora are never read). What the teacher does not know (the unlearned knowledge, which
-it only hides) is not in its outputs, so the student, whose weights no longer hold it either,
-cannot learn it back from them: relearning must start from scratch. The teacher is the
-trained tensors' loaded values, swapped in (wmdp.unlearn.lm): no second model is kept.
+KL(teacher || student) at `temperature`, over the retain corpora's texts and `distill_corpora`
+(general text; the forget corpora are never read), shuffled once with the seed. What the teacher
+does not know (the unlearned knowledge, which it only hides) is not in its outputs, so the
+student, whose weights no longer hold it either, cannot learn it back from them: relearning
+must start from scratch. The teacher is the trained tensors' loaded values, swapped in
+(wmdp.unlearn.lm): no second model is kept.
 
 Read from the authors' code (AddieFoote/distillation-robustify-unlearning,
 `run_partial_distill_wmdp.py`, `src/tools/partial_distill_wmdp.py`: `do_corruption`,
@@ -23,13 +27,18 @@ Read from the authors' code (AddieFoote/distillation-robustify-unlearning,
 tensors always shrink towards 0) and a Xavier-uniform noise where beta > 0; here w_init is the
 architecture's own initialisation, so norm weights mix towards 1. Its optimizer: AdamW, lr 2e-5,
 no decay, constant after 50 warmup steps, gradient clipping at 1 (not done here), batches of 110
-texts of 1024 tokens, 3000 steps. The step count sets the student's budget: the run record
-(`method_state`) gives the texts it read, to compare with the original training's.
+texts of 1024 tokens, 3000 steps, on general pretraining text. The step count sets the student's
+budget: the run record (`method_state`) gives the texts it read, to compare with the original
+training's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +47,7 @@ from torch import nn
 from wmdp.errors import WmdpError
 from wmdp.unlearn.batches import Step, TopicBatches, chunk
 from wmdp.unlearn.lm import LMMethod, check_positive, check_settings, presets, token_kl
+from wmdp.unlearn.parallel import like, share
 
 
 @dataclass
@@ -54,6 +64,11 @@ class UNDOConfig:
     max_length: int = 1024            # tokens per text (the authors': 1024)
     params: str = "all"               # what is noised and trained: all (the authors'), layers, ...
     layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out
+    distill_corpora: list[str] = field(default_factory=list)  # more general text than retain's
+    teacher: str | None = None        # an unlearned model dir (None: teacher_method runs first)
+    teacher_method: str = "rmu"       # what makes the teacher, into OUTPUT/teacher
+    teacher_preset: str | None = None  # its preset (UNDO's presets name their own)
+    teacher_overrides: list[str] = field(default_factory=list)  # key=value for the teacher run
 
     def __post_init__(self) -> None:
         check_settings(self, "undo")
@@ -61,6 +76,43 @@ class UNDOConfig:
         check_positive(self, "undo", "beta", zero=True)
         if not 0 <= self.alpha <= 1:
             raise WmdpError(f"undo: alpha is {self.alpha!r}, expected 0 <= alpha <= 1")
+        from wmdp.unlearn.registry import METHODS
+
+        if self.teacher_method not in METHODS or self.teacher_method == "undo":
+            raise WmdpError(f"undo: teacher_method {self.teacher_method!r} is not an unlearning "
+                            f"method (known: {', '.join(m for m in METHODS if m != 'undo')})")
+        presets = METHODS[self.teacher_method][2]
+        if self.teacher_preset is not None and self.teacher_preset not in presets:
+            raise WmdpError(f"undo: teacher_preset {self.teacher_preset!r} is not a "
+                            f"{self.teacher_method} preset (known: {', '.join(presets)})")
+
+
+TEACHER_DIR = "teacher"
+
+
+def make_teacher(c: UNDOConfig, config: Any, out: Path, progress: bool = True) -> dict:
+    """The teacher's record: `c.teacher` as given, else `c.teacher_method` run on the UNDO run's
+    model and corpora into out/teacher (a finished one is kept, an interrupted one resumes)."""
+    from wmdp.unlearn import resolve, run_unlearning
+    from wmdp.unlearn.loop import FINAL_RECORD
+
+    if c.teacher:
+        return {"dir": c.teacher, "given": True}
+    # the model, its loading and the corpora are UNDO's; batches and seed the teacher preset's
+    shared = ("model", "revision", "dtype", "device", "device_map", "trust_remote_code",
+              "forget_corpora", "retain_corpora", "min_len", "checkpoint_every", "load")
+    settings = {k: getattr(config, k) for k in shared}
+    settings["output"] = str(out / TEACHER_DIR)
+    method, hparams, teacher_config = resolve(c.teacher_method, preset=c.teacher_preset,
+                                              settings=settings, overrides=c.teacher_overrides)
+    done = (out / TEACHER_DIR / FINAL_RECORD).is_file()
+    t0 = time.perf_counter()
+    path = run_unlearning(method, hparams, teacher_config, progress=progress)
+    final = json.loads((path / FINAL_RECORD).read_text())
+    return {"dir": str(path), "given": False, "method": c.teacher_method,
+            "preset": c.teacher_preset, "overrides": list(c.teacher_overrides),
+            "reused": done, "seconds": final.get("seconds"),
+            "wall_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def fresh_init(model: nn.Module, names: list[str], seed: int) -> dict[str, torch.Tensor]:
@@ -83,7 +135,7 @@ def shrink_perturb(tensors: list, init: list[torch.Tensor] | None, alpha: float,
             w = t.view()
             mixed = (1 - alpha) * w.float()
             if init is not None:
-                mixed += alpha * beta * init[i].to(w.device).float()
+                mixed += alpha * beta * like(init[i], w).float()  # FSDP: w's shard of it
             w.copy_(mixed.to(w.dtype))
 
 
@@ -91,21 +143,43 @@ class UNDO(LMMethod):
     name = "undo"
     keeps_originals = True  # the teacher: the loaded (unlearned) weights
 
+    def __init__(self, config: UNDOConfig) -> None:
+        super().__init__(config)
+        # without `prepare` (unlearn_model in code): the loaded model is the teacher
+        self.teacher_record: dict = {"dir": config.teacher or None, "given": True}
+
+    def prepare(self, config: Any, out: Path, progress: bool = True) -> Any:
+        """Before the model loads (`run_unlearning` calls this): make or find the teacher;
+        the run then loads the teacher as the student's start."""
+        self.teacher_record = make_teacher(self.config, config, out, progress)
+        return replace(config, model=self.teacher_record["dir"])
+
     def setup(self, model: nn.Module, tokenizer: Any, schedule: TopicBatches, seed: int) -> None:
         super().setup(model, tokenizer, schedule, seed)
         c = self.config
         if any(t.index is not None for t in self.tensors):
             raise WmdpError("undo: a slice of a fused expert tensor cannot be reinitialised")
-        texts = list(dict.fromkeys(t for corpus in schedule.retain for b in corpus for t in b))
-        self.batches = chunk(texts, len(schedule.retain[0][0]))  # every retain text, in turn
+        self.batches = chunk(self.distill_texts(schedule, seed), len(schedule.retain[0][0]))
         init = None
         if c.beta and c.alpha:
             fresh = fresh_init(model, [t.name for t in self.tensors], seed)
             init = [fresh[t.name] for t in self.tensors]
         shrink_perturb(self.tensors, init, c.alpha, c.beta)
 
+    def distill_texts(self, schedule: TopicBatches, seed: int) -> list[str]:
+        """Every retain text and every `distill_corpora` text, once each, in a seeded order (so
+        a batch mixes the kinds of text)."""
+        from wmdp.data.corpus import load_corpus
+
+        texts = [t for corpus in schedule.retain for b in corpus for t in b]
+        for spec in self.config.distill_corpora:
+            texts += load_corpus(spec).texts
+        texts = list(dict.fromkeys(texts))
+        random.Random(seed).shuffle(texts)
+        return texts
+
     def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs = self.tokenize(self.batches[step.idx % len(self.batches)])
+        inputs = self.tokenize(share(self.batches[step.idx % len(self.batches)]))  # rank's
         with self.original():
             teacher = self.logits(inputs)
         kl = token_kl(teacher, self.logits(inputs), inputs, self.config.temperature)
@@ -118,16 +192,24 @@ class UNDO(LMMethod):
         texts = sum(per_batch[i % len(per_batch)] for i in range(steps))
         return {"alpha": self.config.alpha, "beta": self.config.beta, "distill_steps": steps,
                 "distill_texts": texts, "distinct_texts": sum(per_batch),
-                "trained_tensors": len(self.tensors)}
+                "trained_tensors": len(self.tensors), "teacher": self.teacher_record}
 
 
 # zephyr-7b: the authors' WMDP distillation settings but beta (see above), 3000 steps; the
-# batch is the shared config's. sandbox: a tiny model takes a large rate (its training's: 3e-3);
-# batches of 32 as its training's; on the default sandbox (240 texts per forget corpus: 8
-# batches a pass) 20 passes are 160 steps, 5,120 texts: 20% of its training's 800 x 32.
-UNDO_PRESETS = presets("undo", zephyr={},
-                       sandbox={"alpha": 0.5, "lr": 1e-3, "max_length": 512})
+# batch is the shared config's; the teacher: RMU's zephyr-7b preset.
+# sandbox: tuned on the default world (seed 0) against the relearning protocol
+# (benchmarks/robustness_sandbox.py). A tiny model takes a large rate (its training's: 3e-3);
+# batches of 32 as its training's; 40 passes over the 8-batch schedule are 320 steps, 10,240
+# texts: 40% of the sandbox's own training (800 x 32). Distilled on retain prose alone the
+# student lost the question format (weakest general domain 0.72): give `distill_corpora` the
+# general-domain QA lines too. alpha 0.8 (0.5 left forget accuracy at 0.41 and 26% of the gap
+# recoverable; 0.7: 0.36). The teacher is RMU's sandbox preset with retain weight 400 (100:
+# retain perplexity +5.1%, which the student inherits; 400: +2.1%, forget 0.34).
+UNDO_PRESETS = presets("undo", zephyr={"teacher_preset": "zephyr-7b"},
+                       sandbox={"alpha": 0.8, "lr": 1e-3, "max_length": 512,
+                                "teacher_preset": "sandbox",
+                                "teacher_overrides": ["rmu.alpha=[400]"]})
 UNDO_PRESETS["zephyr-7b"]["config"]["max_num_batches"] = 3000
-UNDO_PRESETS["sandbox"]["config"].update(batch_size=32, epochs=20)
+UNDO_PRESETS["sandbox"]["config"].update(batch_size=32, epochs=40)
 
-__all__ = ["UNDO", "UNDOConfig", "UNDO_PRESETS", "fresh_init", "shrink_perturb"]
+__all__ = ["UNDO", "UNDOConfig", "UNDO_PRESETS", "fresh_init", "shrink_perturb", "make_teacher"]

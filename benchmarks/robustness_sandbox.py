@@ -1,0 +1,260 @@
+"""Is it gone, or hidden? Every robust unlearning method beside RMU, NPO, SSD and the oracle,
+under the relearning protocol's grid, on two sandbox worlds: one command, resumable.
+
+    .venv/bin/python benchmarks/robustness_sandbox.py                       # seeds 0 and 1
+    .venv/bin/python benchmarks/robustness_sandbox.py --grid default        # the full grid
+    .venv/bin/python benchmarks/robustness_sandbox.py --sandbox 0=/tmp/sb0 --budget-s 330
+
+Per world (`wmdp sandbox build` with its oracle, built into WORK/sandbox-seedN unless given):
+each method at its `sandbox` preset (`wmdp unlearn NAME --preset sandbox` on the sandbox model,
+forget_bio + forget_cyber, retain.jsonl; UNDO also distils on the world's general-domain
+question-answer lines, `general_qa.jsonl`: the oracle's training text without its prose),
+then per model (base, oracle, every method) the protocol grid (`wmdp.audit.protocol`, the same
+grid for every model, fixed before any method was tuned): every attack run's curve, the worst
+case over the grid and its recovered share (attack - plain) / (base - plain). `--grid small`
+is the protocol's default grid cut to forget-domain attack text, 8 texts, full fine-tuning
+(lrs, checkpoints and seeds unchanged): the attack that recovers RMU most.
+
+Everything goes to WORK (default runs/robustness): models/, protocol/<world>/<model>/ (plain.json
+and runs.jsonl, one line per finished attack run: a rerun skips them), then robustness.json and
+robustness.md. `--budget-s N` stops after about N seconds (rerun to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# (label, method, overrides over its sandbox preset); UNDO's general_qa is added per world
+METHODS: list[tuple[str, str, list[str]]] = [
+    ("rmu", "rmu", []), ("undo", "undo", []),
+    ("rmu-lat", "rmu-lat", []), ("rmu-sam", "rmu-sam", []), ("npo-sam", "npo-sam", []),
+    ("npo", "npo", []), ("ssd", "ssd", []),
+    # the previous sandbox preset: retain prose only, 20 passes, alpha 0.5, RMU's own preset
+    ("undo-retain-only", "undo", ["undo.distill_corpora=[]", "undo.alpha=0.5", "epochs=20",
+                                  "undo.teacher_overrides=[]"]),
+]
+SMALL = ["data=[forget]", "sizes=[8]", "methods=[full]"]
+
+
+class OutOfBudget(Exception):
+    pass
+
+
+class Clock:
+    def __init__(self, budget_s: float | None) -> None:
+        self.t0, self.budget = time.perf_counter(), budget_s
+
+    def check(self) -> None:
+        if self.budget is not None and time.perf_counter() - self.t0 > self.budget:
+            raise OutOfBudget
+
+
+# -- worlds and models ----------------------------------------------------------------------------
+def world(seed: int, given: str | None, work: Path) -> Path:
+    """A default sandbox of `seed` with its oracle (built, or finished, when missing)."""
+    from wmdp.sandbox.build import build_sandbox, sandbox_config
+
+    path = Path(given) if given else work / f"sandbox-seed{seed}"
+    manifest = path / "data" / "manifest.json"
+    if not (manifest.is_file() and "oracle" in json.loads(manifest.read_text())):
+        build_sandbox(path, sandbox_config("default", seed))
+    return path
+
+
+def general_qa(sandbox: Path, work: Path) -> Path:
+    """The world's question-answer lines about general-domain facts (train_qa.jsonl without a
+    line that asks a forget-domain question): general text the model trained on."""
+    data = sandbox / "data"
+    forget = [json.loads(line)["question"] for name in ("sandbox_bio_seen", "sandbox_cyber_seen")
+              for line in (data / f"{name}.jsonl").read_text().splitlines()]
+    out = work / sandbox.name / "general_qa.jsonl"
+    lines = [line for line in (data / "train_qa.jsonl").read_text().splitlines()
+             if not any(q in json.loads(line)["text"] for q in forget)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def unlearn(label: str, method: str, overrides: list[str], sandbox: Path, work: Path) -> Path:
+    from wmdp.unlearn import resolve, run_unlearning
+
+    data = sandbox / "data"
+    extra = ([f"undo.distill_corpora=[{general_qa(sandbox, work)}]"] if method == "undo" else [])
+    flags = {"model": str(sandbox / "model"), "output": str(work / sandbox.name / label),
+             "forget_corpora": [str(data / "forget_bio.jsonl"), str(data / "forget_cyber.jsonl")],
+             "retain_corpora": [str(data / "retain.jsonl")] * 2, "dtype": "float32",
+             "device": "cpu"}
+    m, hp, config = resolve(method, preset="sandbox", settings=flags,
+                            overrides=extra + overrides)
+    return run_unlearning(m, hp, config, progress=False)
+
+
+def cost(model_dir: Path) -> float:
+    """Unlearning seconds (UNDO's: its teacher's too), from the run records."""
+    record = json.loads((model_dir / "unlearn_config.json").read_text())
+    teacher = record.get("method_state", {}).get("teacher", {})
+    return record["seconds"] + (teacher.get("seconds") or 0.0)
+
+
+# -- the protocol, one model at a time ------------------------------------------------------------
+def protocol_cell(role: str, model_dir: Path | None, sandbox: Path, out: Path, config, clock,
+                  bar) -> dict:
+    """{"plain", "runs"} of one model over the grid; finished runs are read back, not rerun."""
+    import torch
+
+    from wmdp.audit import protocol as P
+
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = P.sandbox_inputs(sandbox, model_dir or sandbox / "model")
+    model, tok = inputs.models["unlearned" if model_dir else role]
+    texts, keep = P._attack_texts(inputs, config)
+    trained = {t for ts in texts.values() for t in ts}
+    ppl = [t for t in inputs.ppl_corpus if t not in trained][:config.ppl_texts]
+
+    def evaluate(m, tok=tok) -> dict:
+        return P._summarise(P._evaluate(m, tok, inputs, ppl, config), keep)
+
+    model.eval()
+    torch.set_num_threads(1)
+    plain_file, runs_file = out / "plain.json", out / "runs.jsonl"
+    if not plain_file.is_file():
+        plain_file.write_text(json.dumps(evaluate(model)))
+    plain = json.loads(plain_file.read_text())
+    done = [json.loads(x) for x in runs_file.read_text().splitlines()] if runs_file.is_file() else []
+    keys = {(r["data"], r["lr"], r["size"], r["method"], r["seed"]) for r in done}
+    bar.update(len(keys))
+    for kind, lr, size, method, seed in grid(config):
+        if (kind, lr, size, method, seed) in keys:
+            continue
+        clock.check()
+        t0 = time.perf_counter()
+        curve = P.attack_run(model, tok, texts[kind][:size], lr, method, seed, config, evaluate)
+        run = {"data": kind, "lr": lr, "size": size, "method": method, "seed": seed,
+               "curve": curve, "seconds": round(time.perf_counter() - t0, 2)}
+        with open(runs_file, "a") as f:
+            f.write(json.dumps(run) + "\n")
+        done.append(run)
+        bar.update(1)
+    return {"plain": plain, "runs": done}
+
+
+def grid(config) -> list[tuple]:
+    return [(k, lr, n, m, s) for k in config.data for lr in config.lrs for n in config.sizes
+            for m in config.methods for s in config.seeds]
+
+
+# -- the table -----------------------------------------------------------------------------------
+def summary(cells: dict, costs: dict, build_s: float, config) -> dict:
+    from wmdp.audit.protocol import _worst
+
+    base = cells["base"]
+    rows = {}
+    for role, cell in cells.items():
+        attacks = {k: _worst(cell, k, base["plain"]["forget_acc"], config) for k in config.data}
+        general = cell["plain"]["general"]
+        rows[role] = {
+            "forget_acc": cell["plain"]["forget_acc"], "weakest_general": min(general.values()),
+            "general": general, "retain_ppl": cell["plain"]["retain_ppl"],
+            "retain_ppl_change": cell["plain"]["retain_ppl"] / base["plain"]["retain_ppl"] - 1,
+            "attacks": attacks, "seconds": costs.get(role),
+            "attack_seconds": sum(r.get("seconds", 0.0) for r in cell["runs"]),
+            "x_rmu": costs[role] / costs["rmu"] if role in costs and "rmu" in costs else None,
+            "x_build": costs[role] / build_s if role in costs else None}
+    return rows
+
+
+def table(record: dict) -> str:
+    g = record["grid"]
+    lines = [f"Grid `{record['grid_name']}` (every model the same): data {g['data']}, lr "
+             f"{g['lrs']}, texts {g['sizes']}, {g['methods']}, checkpoints {g['checkpoints']}, "
+             f"attack seeds {g['seeds']}; worst case over all of it.", "",
+             "| world | method | forget acc | weakest general domain | retain ppl change | "
+             "worst-case recovered share (forget acc after) | general after | cost s "
+             "(x RMU, x sandbox build) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for seed, w in record["worlds"].items():
+        for role, r in w["rows"].items():
+            a = r["attacks"]["forget"] if "forget" in r["attacks"] else next(iter(r["attacks"].values()))
+            share = a["recovered_share"]
+            cost_s = "" if r["seconds"] is None else \
+                f"{r['seconds']:.0f} ({r['x_rmu']:.1f}x, {r['x_build']:.2f}x)"
+            lines.append(
+                f"| {seed} | {role} | {r['forget_acc']:.3f} | {r['weakest_general']:.3f} | "
+                f"{r['retain_ppl_change']:+.1%} | "
+                f"{'-' if share is None else f'{share:.0%}'} ({a['worst_case']['forget_acc']:.3f}) "
+                f"| {a['worst_case']['general_acc']:.3f} | {cost_s} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dataclasses import asdict
+
+    from wmdp.audit.protocol import ProtocolConfig
+    from wmdp.config import apply_overrides, from_dict
+    from wmdp.progress import tqdm
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="runs/robustness")
+    p.add_argument("--seeds", default="0,1", help="world seeds")
+    p.add_argument("--sandbox", action="append", default=[], metavar="SEED=DIR",
+                   help="a built sandbox (with its oracle) for a world seed")
+    p.add_argument("--grid", choices=["small", "default"], default="small")
+    p.add_argument("--methods", default=",".join(m[0] for m in METHODS))
+    p.add_argument("--budget-s", type=float, default=None, help="stop after about this long")
+    p.add_argument("--partial", action="store_true", help="with --budget-s 0: the table of the "
+                   "finished models only, running nothing (the others are listed as unfinished)")
+    args = p.parse_args(argv)
+    work, clock = Path(args.work), Clock(args.budget_s)
+    given = dict(s.split("=", 1) for s in args.sandbox)
+    config = from_dict(ProtocolConfig, apply_overrides({}, SMALL if args.grid == "small" else []),
+                       "grid")
+    chosen = [m for m in METHODS if m[0] in args.methods.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    n = len(grid(config)) * (len(chosen) + 2) * len(seeds)
+    bar = tqdm(total=n, desc="relearning grid runs", unit="run")
+    record = {"grid_name": args.grid, "grid": asdict(config), "worlds": {}}
+    try:
+        for seed in seeds:
+            sandbox = world(seed, given.get(str(seed)), work)
+            costs, cells = {}, {}
+            for role in ("base", "oracle"):
+                cells[role] = protocol_cell(role, None, sandbox, work / "protocol" / sandbox.name
+                                            / role, config, clock, bar)
+            for label, method, overrides in chosen:
+                try:
+                    if not (work / sandbox.name / label / "unlearn_config.json").is_file():
+                        clock.check()
+                    model_dir = unlearn(label, method, overrides, sandbox, work)
+                    cells[label] = protocol_cell(label, model_dir, sandbox, work / "protocol"
+                                                 / sandbox.name / label, config, clock, bar)
+                    costs[label] = cost(model_dir)
+                except OutOfBudget:
+                    if not args.partial:
+                        raise
+                    record.setdefault("unfinished", []).append(f"{seed}:{label}")
+            manifest = json.loads((sandbox / "data" / "manifest.json").read_text())
+            build_s = manifest["build"]["train_seconds"]
+            record["worlds"][str(seed)] = {"sandbox": str(sandbox), "build_train_seconds": build_s,
+                                           "rows": summary(cells, costs, build_s, config)}
+    except OutOfBudget:
+        bar.close()
+        print(f"stopped after the {args.budget_s:g} s budget; rerun to continue", file=sys.stderr)
+        return 3
+    bar.close()
+    if record.get("unfinished"):
+        print(f"unfinished (rerun without --partial): {', '.join(record['unfinished'])}")
+    (work / "robustness.json").write_text(json.dumps(record, indent=1))
+    (work / "robustness.md").write_text(table(record) + "\n")
+    print(table(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
