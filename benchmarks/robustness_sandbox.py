@@ -14,6 +14,7 @@ grid for every model, fixed before any method was tuned): every attack run's cur
 case over the grid and its recovered share (attack - plain) / (base - plain). `--grid small`
 is the protocol's default grid cut to forget-domain attack text, 8 texts, full fine-tuning
 (lrs, checkpoints and seeds unchanged): the attack that recovers RMU most.
+`--grid strong` adds 32 texts and LoRA at the two higher rates (24 runs a model).
 
 Everything goes to WORK (default runs/robustness): models/, protocol/<world>/<model>/ (plain.json
 and runs.jsonl, one line per finished attack run: a rerun skips them), then robustness.json and
@@ -42,6 +43,9 @@ METHODS: list[tuple[str, str, list[str]]] = [
                                   "undo.teacher_overrides=[]"]),
 ]
 SMALL = ["data=[forget]", "sizes=[8]", "methods=[full]"]
+# the attacks that recover most, stronger: more texts and LoRA too, the two higher rates
+STRONG = ["data=[forget]", "sizes=[8,32]", "methods=[full,lora]", "lrs=[3e-4,1e-3]"]
+GRIDS = {"small": SMALL, "strong": STRONG, "default": []}
 
 
 class OutOfBudget(Exception):
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1", help="world seeds")
     p.add_argument("--sandbox", action="append", default=[], metavar="SEED=DIR",
                    help="a built sandbox (with its oracle) for a world seed")
-    p.add_argument("--grid", choices=["small", "default"], default="small")
+    p.add_argument("--grid", choices=list(GRIDS), default="small")
     p.add_argument("--methods", default=",".join(m[0] for m in METHODS))
     p.add_argument("--budget-s", type=float, default=None, help="stop after about this long")
     p.add_argument("--partial", action="store_true", help="with --budget-s 0: the table of the "
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work, clock = Path(args.work), Clock(args.budget_s)
     given = dict(s.split("=", 1) for s in args.sandbox)
-    config = from_dict(ProtocolConfig, apply_overrides({}, SMALL if args.grid == "small" else []),
+    config = from_dict(ProtocolConfig, apply_overrides({}, GRIDS[args.grid]),
                        "grid")
     chosen = [m for m in METHODS if m[0] in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
