@@ -89,4 +89,5 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch):
     table = (work / "runs" / "compare" / "compare.md").read_text()
     assert "npo-eval" in table and "sandbox" in table
     audit = json.loads((work / "runs" / "audit" / "audit.json").read_text())
-    assert set(audit["verdicts"]) == {"probe", "relearn", "gcg", "fewshot", "activations"}
+    assert set(audit["verdicts"]) == {"probe", "relearn", "gcg", "fewshot", "activations",
+                                      "ablation"}
