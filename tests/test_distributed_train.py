@@ -97,7 +97,7 @@ def _other_methods(rank: int, model: Path, files: dict[str, str], root: Path) ->
 
     for method in OTHERS:
         assert main(_args(model, files, root / f"two-{method}", method)) == 0
-    for method, flags in (("rmu", []), ("ssd", []), ("ga", ["--batch-size", "1"])):
+    for method, flags in (("rmu", []), ("ssd", []), ("ga", ["--batch-size", "1"]), ("undo", [])):
         args = ["unlearn", method, "--model", str(model), "--output", str(root / f"bad-{method}"),
                 "--forget-corpora", files["forget"], "--retain-corpora", files["retain"],
                 "--dtype", "float32", "--device", "cpu", *flags]
@@ -105,8 +105,8 @@ def _other_methods(rank: int, model: Path, files: dict[str, str], root: Path) ->
         with contextlib.redirect_stderr(err):  # one line, exit 2, on every rank; nothing kept
             assert main(args) == 2
         assert err.getvalue().count("\n") == 1, err.getvalue()
-        assert ("does not run data-parallel" if method != "ga" else
-                "cannot be split over 2 processes") in err.getvalue(), err.getvalue()
+        want = {"ga": "cannot be split over 2 processes", "undo": "needs --teacher DIR"}
+        assert want.get(method, "does not run data-parallel") in err.getvalue(), err.getvalue()
         assert not (root / f"bad-{method}").is_dir() or not any((root / f"bad-{method}").iterdir())
 
 

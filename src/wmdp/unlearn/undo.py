@@ -3,7 +3,7 @@
     wmdp unlearn undo --preset sandbox --model sandbox/model --output runs/undo \
         --forget-corpora sandbox/data/forget_bio.jsonl,sandbox/data/forget_cyber.jsonl \
         --retain-corpora sandbox/data/retain.jsonl,sandbox/data/retain.jsonl
-    wmdp unlearn undo ... --undo.teacher runs/rmu      # a teacher unlearned already
+    wmdp unlearn undo ... --teacher runs/rmu      # a teacher unlearned already
 
 `--model` is the model to unlearn. The teacher is an unlearned copy of it: `teacher` names one
 already made, else `teacher_method` (rmu) runs first at its `teacher_preset` (the UNDO preset's
@@ -98,6 +98,13 @@ def make_teacher(c: UNDOConfig, config: Any, out: Path, progress: bool = True) -
 
     if c.teacher:
         return {"dir": c.teacher, "given": True}
+    from wmdp.distributed import rank_world
+
+    world = rank_world()[1]
+    if world > 1:  # else the teacher run would fail naming rmu, which the user never asked for
+        raise WmdpError(f"undo with {world} processes needs --teacher DIR: its teacher run "
+                        f"({c.teacher_method}) is one-process; make the teacher first with "
+                        f"`wmdp unlearn {c.teacher_method} ...`")
     # the model, its loading and the corpora are UNDO's; batches and seed the teacher preset's
     shared = ("model", "revision", "dtype", "device", "device_map", "trust_remote_code",
               "forget_corpora", "retain_corpora", "min_len", "checkpoint_every", "load")
