@@ -55,6 +55,7 @@ class AuditContext:
     seed: int = 0
     batch_size: int | str = "auto"
     progress: bool = True
+    model_spec: Any = None                          # how the audit loads models (a ModelSpec)
 
     def add_special_tokens(self, role: str) -> bool | None:
         return add_special_tokens_for(self.style, self.subjects[role].model)

@@ -74,7 +74,9 @@ def audit_inputs(ctx: AuditContext, config: ProtocolConfig) -> tuple[ProtocolInp
     base = ctx.subjects["base"].model
     models = {r: (s.model, s.tokenizer) for r, s in ctx.subjects.items()}
     oracle = find_oracle(config, str(getattr(base, "name_or_path", "") or ""))
-    if oracle is not None:
+    if oracle is not None and ctx.model_spec is not None:  # loaded as the audit's two models
+        models["oracle"] = ctx.model_spec.model_spec(model=oracle, revision=None).load_model()
+    elif oracle is not None:  # a context built in code: the base model's dtype and device
         param = next(base.parameters())
         models["oracle"] = load_model(oracle, dtype=str(param.dtype).removeprefix("torch."),
                                       device=str(param.device))

@@ -241,7 +241,7 @@ def run_audit(config: AuditConfig, *, overwrite: bool = False, progress: bool = 
                        {r: {t: v["correct"] for t, v in record["reference"][r].items()}
                         for r in ROLES},
                        corpora["forget"], corpora["retain"], config.seed, config.batch_size,
-                       progress)
+                       progress, config.model_spec())
     record["gap_tasks"] = gap_tasks(record["reference"])
     for attack in config.attacks:
         _run_attack(attack, getattr(config, attack), ctx, record, out)
