@@ -74,16 +74,13 @@ def world(seed: int, given: str | None, work: Path) -> Path:
 
 
 def general_qa(sandbox: Path, work: Path) -> Path:
-    """The world's question-answer lines about general-domain facts (train_qa.jsonl without a
-    line that asks a forget-domain question): general text the model trained on."""
-    data = sandbox / "data"
-    forget = [json.loads(line)["question"] for name in ("sandbox_bio_seen", "sandbox_cyber_seen")
-              for line in (data / f"{name}.jsonl").read_text().splitlines()]
+    """The world's general-domain QA lines (what `wmdp run` gives UNDO on a sandbox), as a file."""
+    from wmdp.io import write_jsonl
+    from wmdp.sandbox.data import general_qa_texts
+
     out = work / sandbox.name / "general_qa.jsonl"
-    lines = [line for line in (data / "train_qa.jsonl").read_text().splitlines()
-             if not any(q in json.loads(line)["text"] for q in forget)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    write_jsonl(out, [{"text": t} for t in general_qa_texts(sandbox / "data")])
     return out
 
 
