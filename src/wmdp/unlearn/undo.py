@@ -206,8 +206,9 @@ class UNDO(LMMethod):
 # batch is the shared config's; the teacher: RMU's zephyr-7b preset.
 # sandbox: tuned on the default world (seed 0) against the relearning protocol
 # (benchmarks/robustness_sandbox.py). A tiny model takes a large rate (its training's: 3e-3);
-# batches of 32 as its training's; 40 passes over the 8-batch schedule are 320 steps, 10,240
-# texts: 40% of the sandbox's own training (800 x 32). Distilled on retain prose alone the
+# batches of 32 as its training's; 40 passes over the 8-batch schedule are 320 steps; on the
+# default world they read 10,050 texts (941 distinct; the record's distill_texts: some batches
+# are short), 39% of the sandbox's own training (800 x 32). Distilled on retain prose alone the
 # student lost the question format (weakest general domain 0.72): give `distill_corpora` the
 # general-domain QA lines too. alpha 0.8 (0.5 left forget accuracy at 0.41 and 26% of the gap
 # recoverable; 0.7: 0.36). The teacher is RMU's sandbox preset with retain weight 400 (100:
