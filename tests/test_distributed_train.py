@@ -107,7 +107,9 @@ def _other_methods(rank: int, model: Path, files: dict[str, str], root: Path) ->
         assert err.getvalue().count("\n") == 1, err.getvalue()
         want = {"ga": "cannot be split over 2 processes", "undo": "needs --teacher DIR"}
         assert want.get(method, "does not run data-parallel") in err.getvalue(), err.getvalue()
-        assert not (root / f"bad-{method}").is_dir() or not any((root / f"bad-{method}").iterdir())
+        # refused on every rank before rank 0 makes the output directory (else a rank could
+        # look while rank 0 is still cleaning up)
+        assert not (root / f"bad-{method}").exists()
 
 
 def _worker(rank: int, port: int, model: Path, files: dict[str, str], root: Path,

@@ -278,6 +278,11 @@ def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
                         "positive number of steps")
     parallel.check_method(method.name, config.device_map)
     source = check_model_source(config.model)
+    forget, retain = load_corpora(config)  # bad data fails before anything is written
+    schedule = TopicBatches(forget, retain, config.batch_size, config.max_num_batches,
+                            config.epochs)
+    if rank_world()[1] > 1:  # every batch splits over the processes, checked on every rank
+        parallel.check_shares(schedule)  # before rank 0 makes the output directory
     fingerprint = config.fingerprint(method.name, hparams)
     out = on_main(lambda: prepare_output_dir(  # rank 0 alone touches the directory
         Path(config.output).resolve(), overwrite, RUN_RECORD, fingerprint,
@@ -289,7 +294,8 @@ def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
         return out
     fresh = not on_main((out / RUN_RECORD).is_file)
     try:
-        _unlearn_into(out, method, hparams, config, fingerprint, progress)
+        _unlearn_into(out, method, hparams, config, fingerprint, (forget, retain, schedule),
+                      progress)
     except WmdpError:
         if fresh and is_main():  # an input or settings error, or a NaN: leave nothing behind
             for child in out.iterdir():
@@ -300,12 +306,8 @@ def run_unlearning(method: Method, hparams: Any, config: UnlearnConfig, *,
 
 
 def _unlearn_into(out: Path, method: Method, hparams: Any, config: UnlearnConfig,
-                  fingerprint: str, progress: bool) -> None:
-    forget, retain = load_corpora(config)  # bad data fails before the model loads
-    schedule = TopicBatches(forget, retain, config.batch_size, config.max_num_batches,
-                            config.epochs)
-    if rank_world()[1] > 1:  # every batch splits over the processes, before the model loads
-        parallel.check_shares(schedule)
+                  fingerprint: str, data: tuple, progress: bool) -> None:
+    forget, retain, schedule = data  # read and checked by run_unlearning
     record = {"fingerprint": fingerprint, "method": method.name, "config": to_dict(config),
               "hparams": to_dict(hparams), "num_steps": len(schedule),
               "corpora": {"forget": [c.record() for c in forget],

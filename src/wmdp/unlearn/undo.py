@@ -90,6 +90,18 @@ class UNDOConfig:
 TEACHER_DIR = "teacher"
 
 
+def check_teacher_world(c: UNDOConfig) -> None:
+    """Under torchrun UNDO needs a given teacher: its own teacher run (an RMU-family method)
+    is one-process, and would fail naming a method the user never asked for."""
+    from wmdp.distributed import rank_world
+
+    world = rank_world()[1]
+    if world > 1 and not c.teacher:
+        raise WmdpError(f"undo with {world} processes needs --teacher DIR: its teacher run "
+                        f"({c.teacher_method}) is one-process; make the teacher first with "
+                        f"`wmdp unlearn {c.teacher_method} ...`")
+
+
 def make_teacher(c: UNDOConfig, config: Any, out: Path, progress: bool = True) -> dict:
     """The teacher's record: `c.teacher` as given, else `c.teacher_method` run on the UNDO run's
     model and corpora into out/teacher (a finished one is kept, an interrupted one resumes)."""
@@ -98,13 +110,7 @@ def make_teacher(c: UNDOConfig, config: Any, out: Path, progress: bool = True) -
 
     if c.teacher:
         return {"dir": c.teacher, "given": True}
-    from wmdp.distributed import rank_world
-
-    world = rank_world()[1]
-    if world > 1:  # else the teacher run would fail naming rmu, which the user never asked for
-        raise WmdpError(f"undo with {world} processes needs --teacher DIR: its teacher run "
-                        f"({c.teacher_method}) is one-process; make the teacher first with "
-                        f"`wmdp unlearn {c.teacher_method} ...`")
+    check_teacher_world(c)
     # the model, its loading and the corpora are UNDO's; batches and seed the teacher preset's
     shared = ("model", "revision", "dtype", "device", "device_map", "trust_remote_code",
               "forget_corpora", "retain_corpora", "min_len", "checkpoint_every", "load")
@@ -154,6 +160,11 @@ class UNDO(LMMethod):
         super().__init__(config)
         # without `prepare` (unlearn_model in code): the loaded model is the teacher
         self.teacher_record: dict = {"dir": config.teacher or None, "given": True}
+
+    def validate(self, n_topics: int) -> None:
+        """Before anything is read or written (every rank at once: no output directory is
+        made for a run that cannot start)."""
+        check_teacher_world(self.config)
 
     def prepare(self, config: Any, out: Path, progress: bool = True) -> Any:
         """Before the model loads (`run_unlearning` calls this): make or find the teacher;
