@@ -236,7 +236,8 @@ def _correct(model, tokenizer, ctx) -> list[float]:
 
 def test_relearn_curve_matches_fine_tuning_a_copy(quiz_ctx):
     """The curve (trained in place, weights put back after) is a naive run on a deep copy:
-    the same seeded batches, AdamW, the evaluator at steps 0, 4 and 6."""
+    the same seeded batches, AdamW on HF's causal-LM loss (left padding: the first real token,
+    predicted from a padding position, is not a target), the evaluator at steps 0, 4 and 6."""
     subject, sample = quiz_ctx.subjects["base"], texts(4, 3)
     cfg = RelearnConfig(num_texts=4, steps=6, eval_every=4, batch_size=2, lr=1e-2)
     curve = relearn_curve(subject, sample, quiz_ctx, cfg, "test")
@@ -248,8 +249,10 @@ def test_relearn_curve_matches_fine_tuning_a_copy(quiz_ctx):
         if step % 2 == 1:  # an epoch is two batches of two texts, in a seeded order
             order = rng.sample(sample, 4)
         inputs = tokenize(tok, order[2 * ((step - 1) % 2):][:2], cfg.max_length, "cpu")
-        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-        loss = model(**inputs, labels=labels).loss
+        am = inputs["attention_mask"]  # a token counts where it and the one before are real
+        real_pair = am * torch.cat([torch.zeros_like(am[:, :1]), am[:, :-1]], dim=1)
+        labels = inputs["input_ids"].masked_fill(real_pair == 0, -100)
+        loss = model(**inputs, labels=labels).loss  # HF's shifted mean over the labels kept
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

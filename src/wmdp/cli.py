@@ -395,7 +395,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         "trust_remote_code": args.trust_remote_code or None}
     config = audit_config(args.preset, args.config, settings, args.overrides)
     _check_config_apart(config.output, args.config)
+    from wmdp.distributed import init_from_env, is_main
+
+    init_from_env()  # under torchrun: relearning data-parallel (FSDP), rank 0 writes
     record = run_audit(config, overwrite=args.overwrite)
+    if not is_main():
+        return 0
     print(verdicts_markdown(record))
     print(f"wrote {os.path.join(args.output, 'audit.json')}")
     return 0

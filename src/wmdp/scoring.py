@@ -17,6 +17,7 @@ What is faster than lm-eval, with the same numbers:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -193,13 +194,19 @@ def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int | str = "au
 
     Rows run longest first (an out-of-memory shows at once), in batches that halve and retry
     on out-of-memory; `on_batch_size` hears the batch size that worked. Under torch.distributed
-    each process scores every N-th row and all get every score.
+    each process scores every N-th row and all get every score. A model sharded over the
+    processes (FSDP: every forward is collective) runs the same number of forwards on every
+    rank: a rank with fewer batches scores its last row again, and discards it; an
+    out-of-memory is then an error (one rank cannot back off alone).
     """
     rank, world = rank_world()
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
     order = order[rank::world]
     out: list[list[float]] = [[] for _ in rows]
     bs = initial_batch_size(batch_size, model)
+    sharded = world > 1 and _sharded(model)
+    if sharded:  # the most batches any rank runs: rank 0's share is the largest
+        forwards = math.ceil(math.ceil(len(rows) / world) / bs)
     bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring",
                disable=not progress or rank != 0, leave=False, unit="row")
     i = 0
@@ -208,7 +215,7 @@ def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int | str = "au
         try:
             scores = _score_batch(model, [rows[j] for j in idx])
         except RuntimeError as e:
-            if not is_oom(e) or bs == 1:
+            if not is_oom(e) or bs == 1 or sharded:
                 raise
             bs = max(1, bs // 2)  # back off and retry the same rows
             if torch.cuda.is_available():
@@ -218,7 +225,12 @@ def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int | str = "au
             out[j] = lls
         i += len(idx)
         bar.update(len(idx))
+        if sharded:
+            forwards -= 1
     bar.close()
+    while sharded and forwards > 0:  # this rank's share ran out first: keep step with the rest
+        _score_batch(model, [rows[order[-1] if order else 0]])
+        forwards -= 1
     if world > 1:
         for share in all_gather({j: out[j] for j in order}):
             for j, lls in share.items():
@@ -226,6 +238,12 @@ def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int | str = "au
     if on_batch_size is not None:
         on_batch_size(bs)
     return out
+
+
+def _sharded(model: nn.Module) -> bool:
+    from wmdp.unlearn.parallel import is_sharded
+
+    return is_sharded(next(model.parameters()))
 
 
 def initial_batch_size(batch_size: int | str, model: nn.Module) -> int:

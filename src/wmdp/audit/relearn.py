@@ -15,9 +15,16 @@ first, so the curve measures knowledge coming back, not facts taught anew; quest
 rarest word the chosen texts do mention are left out of the recovery figure and counted.
 The model stays in eval mode (no dropout) while it trains, as RMU does.
 
-It runs as one process (`--device-map auto` spreads a large model over the visible GPUs):
-its re-evaluations between steps are not data-parallel, so under torchrun it stops with an
-error instead of running the same attack once per process.
+One process (`--device-map auto` spreads a large model over the visible GPUs), or, for full
+fine-tuning whose AdamW state outgrows one device, many under torchrun:
+
+    torchrun --nproc-per-node 8 -m wmdp audit --attacks relearn --set relearn.method=full ...
+
+Both models are then sharded with FSDP2 (`wmdp.unlearn.parallel`: weights, gradients and AdamW
+state 1/N per process); each step's batch is split over the processes and its loss is the
+global mean over tokens, so N processes take the one-process update; the re-evaluations
+between steps score every N-th question on each process. LoRA (a few MB of trainable state)
+runs as one process.
 """
 
 from __future__ import annotations
@@ -37,8 +44,11 @@ from wmdp.data.corpus import Corpus
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
 from wmdp.io import sha256_json
+from wmdp.distributed import rank_world
 from wmdp.models import input_device
+from wmdp.unlearn import parallel
 from wmdp.unlearn.batches import chunk, tokenize, training_tokenizer
+from wmdp.unlearn.lm import mean_nll
 
 METHODS = ("full", "lora")
 POOL_PER_TEXT = 50  # candidate texts per text wanted, taken from the start of each corpus
@@ -97,15 +107,15 @@ def _attach(model: torch.nn.Module,
     """The model to train, its trainable parameters, and what puts the model back as it was:
     full fine-tuning trains the model itself and copies its weights back from a CPU snapshot;
     LoRA adds adapters and unloads them (the original modules back, weights untouched)."""
-    if config.method == "full":
+    if config.method == "full":  # sharded (FSDP): each process keeps and restores its shards
         params = list(model.parameters())
-        saved = [p.detach().to("cpu", copy=True) for p in params]
+        saved = [parallel.local(p).detach().to("cpu", copy=True) for p in params]
         model.requires_grad_(True)
 
         def restore() -> None:
             with torch.no_grad():
                 for p, s in zip(params, saved):
-                    p.copy_(s)
+                    parallel.local(p).copy_(s)
                     p.grad = None
         return model, params, restore
     try:
@@ -138,13 +148,14 @@ def relearn_curve(subject: Subject, texts: list[str], ctx: AuditContext,
             if not batches:  # a new epoch, in a seeded order
                 order = rng.sample(texts, len(texts))
                 batches = chunk(order, config.batch_size)
-            inputs = tokenize(tok, batches.pop(0), config.max_length, input_device(subject.model))
-            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-            loss = tuned(**inputs, labels=labels, use_cache=False).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            with parallel.training(True):  # many processes: this one's share, global means
+                inputs = tokenize(tok, parallel.share(batches.pop(0)), config.max_length,
+                                  input_device(subject.model))
+                loss = mean_nll(tuned(**inputs, use_cache=False).logits, inputs)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(parallel.mean_over_ranks(loss.item(), {})[0])
             if step % config.eval_every == 0 or step == config.steps:
                 with torch.no_grad():
                     figures = task_accuracy(tuned, subject.tokenizer, ctx.tasks, ctx.items,
@@ -161,6 +172,23 @@ def relearn_curve(subject: Subject, texts: list[str], ctx: AuditContext,
     return curve
 
 
+def check_parallel(config: RelearnConfig) -> None:
+    """Under torchrun: full fine-tuning, and every batch splits over the processes."""
+    world = max(rank_world()[1], int(os.environ.get("WORLD_SIZE", "1")))
+    if world == 1:
+        return
+    if config.method != "full":
+        raise WmdpError(f"relearn.method={config.method} runs as one process ({world} "
+                        "processes here): run wmdp audit without torchrun (--device-map auto for "
+                        "a model larger than one GPU), or set relearn.method=full")
+    last = config.num_texts % config.batch_size or config.batch_size
+    if min(config.batch_size, last, config.num_texts) < world:
+        raise WmdpError(f"relearn: batches of {config.batch_size} from {config.num_texts} texts "
+                        f"(the last of each pass: {min(last, config.num_texts)}) cannot be split "
+                        f"over {world} processes: give relearn.batch_size and the last batch at "
+                        f"least {world} texts")
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -169,10 +197,7 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
     """Both models, fine-tuned on forget texts and on retain texts; accuracy against steps."""
     if config.steps < 1 or config.eval_every < 1 or config.num_texts < 1 or config.batch_size < 1:
         raise WmdpError("relearn: steps, eval_every, num_texts and batch_size must be positive")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise WmdpError("relearn runs as one process (its evaluations between steps are not "
-                        "data-parallel): run wmdp audit without torchrun, with --device-map auto "
-                        "for a model larger than one GPU")
+    check_parallel(config)
     questions = [it for t in ctx.tasks for it in ctx.items[t]]
     corpora = {"forget": ctx.forget, "retain": ctx.retain}
     texts, mentioned, record = {}, {}, {}

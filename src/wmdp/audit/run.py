@@ -12,6 +12,10 @@ The directory: `audit.json` (every figure and its configuration, see `AUDIT_LAYO
 with the same settings skips the attacks already in audit.json; one that names more attacks
 runs only the new ones. Settings: defaults (sized for the sandbox on a CPU) < `--preset` <
 `--config FILE.yaml` < flags < `--set key=value` (e.g. `--set gcg.steps=100`).
+
+Under torchrun (`torchrun --nproc-per-node N -m wmdp audit --attacks relearn --set
+relearn.method=full ...`) the relearning attack runs data-parallel with both models sharded by
+FSDP (see `wmdp.audit.relearn`); the other attacks run as one process. Rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from wmdp.audit.gcg import GCGConfig, run_gcg
 from wmdp.audit.probe import ProbeConfig, run_probe
 from wmdp.audit.protocol import ProtocolConfig, check_grid
 from wmdp.audit.protocol_audit import protocol_verdict, run_protocol_attack
-from wmdp.audit.relearn import RelearnConfig, run_relearn
+from wmdp.audit.relearn import RelearnConfig, check_parallel, run_relearn
 from wmdp.audit.verdicts import gap_tasks, verdict
 from wmdp.config import apply_overrides, from_dict, load_yaml, to_dict
 from wmdp.data.corpus import load_corpus
+from wmdp.distributed import broadcast, is_main, on_main, rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import library_versions, prepare_output_dir, read_json, sha256_json, write_json
 from wmdp.model_spec import ModelSpec
@@ -47,6 +52,7 @@ ATTACKS: dict[str, Callable[[AuditContext, Any], dict]] = {
 ATTACKS["protocol"] = run_protocol_attack  # the relearning protocol: a grid of fine-tuning runs
 OPT_IN = ("protocol",)                     # so it runs only when named
 NEEDS_CORPORA = ("relearn", "activations", "protocol", "ablation")
+DATA_PARALLEL = ("relearn",)               # the attacks that run under torchrun (FSDP)
 AUDIT_LAYOUT = """\
 audit.json
   fingerprint, config (every setting), versions, seconds
@@ -163,6 +169,17 @@ def _check(config: AuditConfig) -> None:
     for attack in NEEDS_CORPORA:
         if attack in config.attacks and not (config.forget_corpora and config.retain_corpora):
             raise WmdpError(f"the {attack} attack needs --forget-corpora and --retain-corpora")
+    world = rank_world()[1]
+    if world > 1:  # every rank at once, before anything is read or written
+        one = [a for a in config.attacks if a not in DATA_PARALLEL]
+        if one:
+            raise WmdpError(f"the {one[0]} attack runs as one process ({world} processes "
+                            f"here): under torchrun give --attacks {','.join(DATA_PARALLEL)} "
+                            "(full fine-tuning, FSDP), and run the others without torchrun")
+        if config.device_map:
+            raise WmdpError(f"device_map {config.device_map!r} with {world} processes: FSDP "
+                            "shards the models over the processes; drop --device-map")
+        check_parallel(config.relearn)
 
 
 def _load_tasks(config: AuditConfig) -> tuple[dict, dict]:
@@ -178,9 +195,21 @@ def _load_tasks(config: AuditConfig) -> tuple[dict, dict]:
 
 
 def _load_models(config: AuditConfig) -> dict[str, tuple[Any, Any]]:
-    return {role: config.model_spec(model=source, revision=rev).load_model()
-            for role, source, rev in (("base", config.base, config.base_revision),
-                                      ("unlearned", config.model, config.revision))}
+    """Both models; under torchrun each process reads them into host memory and FSDP keeps 1/N
+    of each on the process's device."""
+    many = rank_world()[1] > 1
+    spec = config.model_spec(device="cpu") if many else config.model_spec()
+    models = {role: spec.model_spec(model=source, revision=rev).load_model()
+              for role, source, rev in (("base", config.base, config.base_revision),
+                                        ("unlearned", config.model, config.revision))}
+    if many:
+        from wmdp.models import resolve_device
+        from wmdp.unlearn.parallel import shard_model
+
+        for model, _ in models.values():
+            model.requires_grad_(True)  # FSDP's gradients: relearning trains every weight
+            shard_model(model, resolve_device(config.device))
+    return models
 
 
 def reference_accuracy(subjects: dict[str, Subject], tasks: dict, items: dict,
@@ -216,11 +245,13 @@ def run_audit(config: AuditConfig, *, overwrite: bool = False, progress: bool = 
             if not source:
                 raise WmdpError("name both models: --model (unlearned) and --base")
             check_model_source(source)
-    out = prepare_output_dir(config.output, overwrite, AUDIT, config.fingerprint(), inputs=[
-        ("--model", config.model), ("--base", config.base), ("--data-dir", config.data_dir),
-        *(("corpus", c) for c in config.forget_corpora + config.retain_corpora),
-        *(config.task_files or {}).items()]) if config.output else None
-    record = read_json(out / AUDIT) if out is not None and (out / AUDIT).is_file() else {}
+    out = on_main(lambda: prepare_output_dir(  # rank 0 alone touches the directory
+        config.output, overwrite, AUDIT, config.fingerprint(), inputs=[
+            ("--model", config.model), ("--base", config.base), ("--data-dir", config.data_dir),
+            *(("corpus", c) for c in config.forget_corpora + config.retain_corpora),
+            *(config.task_files or {}).items()]) if config.output else None)
+    record = broadcast(read_json(out / AUDIT) if is_main() and out is not None
+                       and (out / AUDIT).is_file() else {})
     pairs = models or _load_models(config)
     subjects = {r: Subject(r, *pairs[r]) for r in ROLES}
     record.update(fingerprint=config.fingerprint(), config=to_dict(config),
@@ -248,7 +279,7 @@ def run_audit(config: AuditConfig, *, overwrite: bool = False, progress: bool = 
     record["verdicts"] = {a: r["verdict"]["text"] for a, r in record["attacks"].items()}
     record["seconds"] = round(time.perf_counter() - t0, 1)
     _write(out, record)
-    if out is not None:
+    if out is not None and is_main():
         (out / "verdicts.md").write_text(verdicts_markdown(record), encoding="utf-8")
     return record
 
@@ -269,10 +300,10 @@ def _run_attack(attack: str, attack_config: Any, ctx: AuditContext, record: dict
     result["verdict"] = protocol_verdict(result) if attack == "protocol" else \
         verdict(attack, result, record["gap_tasks"])
     record["attacks"][attack] = result
-    if ctx.progress:  # the progress bars vanish; a log keeps this line
+    if ctx.progress and is_main():  # the progress bars vanish; a log keeps this line
         print(f"audit: {attack} finished in {result['seconds']:.0f} s: "
               f"{headline(attack, result['verdict'])}", file=sys.stderr, flush=True)
-    if out is not None:
+    if out is not None and is_main():
         from wmdp.audit.plots import PLOTS, plot_attack
 
         write_json(out / f"{attack}.json", result)
@@ -296,7 +327,7 @@ def headline(attack: str, figures: dict) -> str:
 
 
 def _write(out: Path | None, record: dict) -> None:
-    if out is not None:
+    if out is not None and is_main():
         write_json(out / AUDIT, record)
 
 
