@@ -213,12 +213,26 @@ def test_other_methods_take_the_one_process_update(setup, tmp_path):
         assert _max_diff(_weights(tmp_path / f"two-{method}"), one) < TOL, method
 
 
-def test_relearn_under_torchrun_is_a_one_line_error(monkeypatch):
-    """The relearning attack re-evaluates between steps, which is not data-parallel: under
-    torchrun it stops before anything runs instead of running once per process."""
-    from wmdp.audit.relearn import RelearnConfig, run_relearn
-    from wmdp.errors import WmdpError
+def test_accelerate_launch_runs_the_same_command_on_two_processes(setup, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m wmdp unlearn npo ...` (accelerate's
+    own launcher, which starts the processes through torch's elastic launcher; on a host
+    without GPUs the group is gloo's) writes a model within 1e-5 of the one-process run's,
+    recording 2 processes."""
+    import subprocess
+    import sys
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(WmdpError, match="relearn runs as one process"):
-        run_relearn(None, RelearnConfig())  # type: ignore[arg-type]
+    from wmdp.cli import main
+
+    model, files = setup
+    assert main(_args(model, files, tmp_path / "one")) == 0
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "wmdp", *_args(model, files, tmp_path / "two")]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _max_diff(_weights(tmp_path / "two"), _weights(tmp_path / "one")) < TOL
+    record = json.loads((tmp_path / "two" / "unlearn_config.json").read_text())
+    assert record["world_size"] == 2
