@@ -144,7 +144,7 @@ def relearn_curve(subject: Subject, texts: list[str], ctx: AuditContext,
         batches: list[list[str]] = []
         losses: list[float] = []
         for step in tqdm(range(1, config.steps + 1), desc=f"relearn {label}",
-                         disable=not ctx.progress, leave=False):
+                         disable=not ctx.progress or rank_world()[0] != 0, leave=False):
             if not batches:  # a new epoch, in a seeded order
                 order = rng.sample(texts, len(texts))
                 batches = chunk(order, config.batch_size)
