@@ -143,7 +143,10 @@ def _evaluate(model: Any, tok: Any, inputs: ProtocolInputs, ppl: list[str],
 def attack_run(model: Any, tok: Any, texts: list[str], lr: float, method: str, seed: int,
                config: ProtocolConfig, evaluate) -> list[dict]:
     """Fine-tune on `texts`; `evaluate(model)` at every checkpoint; the model put back after.
-    The loop is relearn's (`relearn_curve`): its seeded epoch order and causal-LM loss."""
+    The loop is relearn's (`relearn_curve`): its seeded epoch order. Its loss is HF's causal-LM
+    loss over the non-padding labels, which with left padding also counts each row's first
+    token, predicted from a padding position (relearn's token mean, which data-parallel runs
+    need, does not); kept so that the published sandbox grid figures reproduce."""
     rc = RelearnConfig(num_texts=len(texts), steps=max(config.checkpoints), lr=lr, method=method,
                        batch_size=config.batch_size, max_length=config.max_length,
                        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
