@@ -12,7 +12,9 @@ perplexity measured after each attack. Found unless set:
   `wmdp sandbox build` leaves it (`protocol.oracle` names another; "none": without one);
 - the general tasks (ability after the attack) and the out-of-domain text: a sandbox's general
   domains and its far domain (`protocol.general_tasks`, `protocol.general_corpora`).
-The oracle is loaded with the base model's dtype, on its device, and dropped after the grid.
+The oracle is loaded as the audit's two models are (its ModelSpec: dtype, device, device_map,
+trust_remote_code), and dropped after the grid. One process: under torchrun the audit refuses
+the protocol (its grid's loss and LoRA runs are one-process; `relearn` runs data-parallel).
 """
 
 from __future__ import annotations
