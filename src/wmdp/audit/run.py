@@ -195,8 +195,8 @@ def _load_tasks(config: AuditConfig) -> tuple[dict, dict]:
 
 
 def _load_models(config: AuditConfig) -> dict[str, tuple[Any, Any]]:
-    """Both models; under torchrun each process reads them into host memory and FSDP keeps 1/N
-    of each on the process's device."""
+    """Both models; under torchrun each process maps them on the CPU (safetensors, shared page
+    cache) and FSDP keeps 1/N of each on the process's device."""
     many = rank_world()[1] > 1
     spec = config.model_spec(device="cpu") if many else config.model_spec()
     models = {role: spec.model_spec(model=source, revision=rev).load_model()
