@@ -317,8 +317,8 @@ def _unlearn_into(out: Path, method: Method, hparams: Any, config: UnlearnConfig
         write_json(out / RUN_RECORD, record)
     if hasattr(method, "prepare"):  # a run it needs first, into out/ (UNDO's teacher)
         config = method.prepare(config, out, progress)
-    many = rank_world()[1] > 1  # each process reads the model into host memory; FSDP then
-    # keeps 1/N of it on the process's device
+    many = rank_world()[1] > 1  # each process maps the model on the CPU (shared page cache);
+    # FSDP then keeps 1/N of it on the process's device (benchmarks/fsdp_memory.py)
     model, tokenizer, plan, record["load"] = _load(
         method, dataclasses.replace(config, device="cpu") if many else config)
     record["tokenizer"] = tokenizer_record(tokenizer, schedule)
