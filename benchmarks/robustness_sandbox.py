@@ -40,7 +40,7 @@ METHODS: list[tuple[str, str, list[str]]] = [
     ("npo", "npo", []), ("ssd", "ssd", []),
     # the previous sandbox preset: retain prose only, 20 passes, alpha 0.5, RMU's own preset
     ("undo-retain-only", "undo", ["undo.distill_corpora=[]", "undo.alpha=0.5", "epochs=20",
-                                  "undo.teacher_overrides=[]"]),
+                                  "undo.teacher_overrides=[]", "undo.bos_prefix=false"]),
 ]
 SMALL = ["data=[forget]", "sizes=[8]", "methods=[full]"]
 # the attacks that recover most, stronger: more texts and LoRA too, the two higher rates
@@ -184,8 +184,9 @@ def table(record: dict) -> str:
         for role, r in w["rows"].items():
             a = r["attacks"]["forget"] if "forget" in r["attacks"] else next(iter(r["attacks"].values()))
             share = a["recovered_share"]
+            x_rmu = "-" if r["x_rmu"] is None else f"{r['x_rmu']:.1f}x"  # rmu not run
             cost_s = "" if r["seconds"] is None else \
-                f"{r['seconds']:.0f} ({r['x_rmu']:.1f}x, {r['x_build']:.2f}x)"
+                f"{r['seconds']:.0f} ({x_rmu}, {r['x_build']:.2f}x)"
             lines.append(
                 f"| {seed} | {role} | {r['forget_acc']:.3f} | {r['weakest_general']:.3f} | "
                 f"{r['retain_ppl_change']:+.1%} | "

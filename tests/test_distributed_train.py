@@ -49,7 +49,10 @@ def setup(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 def _args(model: Path, files: dict[str, str], out: Path, method: str = "npo") -> list[str]:
-    extra = ["--teacher", str(model)] if method == "undo" else []  # a teacher made already
+    # UNDO: a teacher made already; every other row read after BOS, by its index in the global
+    # batch: batches of 6 split 3 + 3, so rank 1's local and global row parities differ
+    extra = ["--teacher", str(model), "--bos-prefix", "true", "--batch-size", "6"] \
+        if method == "undo" else []
     return ["unlearn", method, "--model", str(model), "--output", str(out),
             "--forget-corpora", files["forget"], "--retain-corpora", files["retain"],
             "--batch-size", "4", "--max-num-batches", "4", "--max-length", "64",

@@ -407,6 +407,38 @@ def test_undo_with_a_given_teacher_starts_from_it(tmp_path):
     assert _close(_weights(out), _weights(tmp_path / "rmu"))
 
 
+def test_undo_bos_prefix_reads_every_other_text_after_bos_both_ways_over_two_passes(
+        char_model):  # noqa: F811
+    """With bos_prefix, the loss reads batch b of pass p with rows i + p even after BOS (so
+    every text both ways over two passes), positions from 0; without it, the texts alone."""
+    from wmdp.perplexity import prefix_token_id
+
+    forget = Corpus("f", texts(FORGET_WORDS, 6, 1), "t")
+    retain = Corpus("r", texts(RETAIN_WORDS, 6, 2), "t")
+    s = TopicBatches([forget], [retain], 3, 2, epochs=2)  # 2 batches, 2 passes
+    tok = _load(char_model)[1]
+    method = _undo(_load(char_model)[0], tok, s, bos_prefix=True)
+    bos = prefix_token_id(method.tokenizer)
+    seen, real = [], method.distill_inputs
+    method.distill_inputs = lambda batch, n: seen.append((batch, n)) or real(batch, n)
+    for idx in range(len(s)):
+        method.loss(s[idx])
+    assert seen == [(method.batches[0], 0), (method.batches[1], 0), (method.batches[0], 1),
+                    (method.batches[1], 1)]
+    batch = method.batches[0]
+    alone = [tokenize(method.tokenizer, [t], 48, "cpu")["input_ids"][0].tolist() for t in batch]
+    assert all(ids[0] != bos for ids in alone)
+    for n_pass in (0, 1):
+        got = real(batch, n_pass)
+        rows = [r[m.bool()].tolist() for r, m in zip(got["input_ids"], got["attention_mask"])]
+        assert rows == [[bos] + a if (i + n_pass) % 2 == 0 else a for i, a in enumerate(alone)]
+        assert all(p[m.bool()].tolist() == list(range(int(m.sum())))
+                   for p, m in zip(got["position_ids"], got["attention_mask"]))
+    plain = _undo(_load(char_model)[0], tok, s)  # the default: texts alone
+    assert torch.equal(plain.distill_inputs(batch, 0)["input_ids"],
+                       tokenize(plain.tokenizer, batch, 48, "cpu")["input_ids"])
+
+
 def test_undo_distills_on_retain_and_distill_corpora_once_each(tmp_path):
     from wmdp.unlearn.undo import UNDO, UNDOConfig
 

@@ -22,7 +22,7 @@ over ranks (what FSDP does to gradients, and what the loop does to metrics) is t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from wmdp.errors import WmdpError
 # one prefix and fits one GPU; SSD takes no step; the -sam and -lat variants are not ported)
 DATA_PARALLEL = ("ga", "graddiff", "npo", "llmu", "scrub", "undo")
 
+T = TypeVar("T")
 _active = False  # set by `training` while a data-parallel run's steps go on
 
 
@@ -66,7 +67,7 @@ def check_method(name: str, device_map: str | None) -> None:
                         "model over the processes; drop --device-map")
 
 
-def share(texts: list[str]) -> list[str]:
+def share(texts: list[T]) -> list[T]:
     """This rank's contiguous share of a global batch (sizes differ by at most one)."""
     rank, world = rank_world() if _active else (0, 1)
     if world == 1:

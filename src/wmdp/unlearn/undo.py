@@ -15,7 +15,8 @@ teacher's copy with every trained tensor shrunk towards, and mixed with, a fresh
 
 and is then distilled back from the teacher with the forward KL of the next-token distributions,
 KL(teacher || student) at `temperature`, over the retain corpora's texts and `distill_corpora`
-(general text; the forget corpora are never read), shuffled once with the seed. What the teacher
+(general text; the forget corpora are never read), shuffled once with the seed; with
+`bos_prefix`, every other text is read after the BOS token, as perplexity reads it. What the teacher
 does not know (the unlearned knowledge, which it only hides) is not in its outputs, so the
 student, whose weights no longer hold it either, cannot learn it back from them: relearning
 must start from scratch. The teacher is the trained tensors' loaded values, swapped in
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from wmdp.errors import WmdpError
-from wmdp.unlearn.batches import Step, TopicBatches, chunk
+from wmdp.unlearn.batches import Step, TopicBatches, chunk, left_padded
 from wmdp.unlearn.lm import LMMethod, check_positive, check_settings, presets, token_kl
 from wmdp.unlearn.parallel import like, share
 
@@ -65,6 +66,7 @@ class UNDOConfig:
     params: str = "all"               # what is noised and trained: all (the authors'), layers, ...
     layer_ids: list[int] = field(default_factory=list)  # blocks for layers, mlp, mlp_out
     distill_corpora: list[str] = field(default_factory=list)  # more general text than retain's
+    bos_prefix: bool = False          # every other text read after BOS, as perplexity reads it
     teacher: str | None = None        # an unlearned model dir (None: teacher_method runs first)
     teacher_method: str = "rmu"       # what makes the teacher, into OUTPUT/teacher
     teacher_preset: str | None = None  # its preset (UNDO's presets name their own)
@@ -196,8 +198,27 @@ class UNDO(LMMethod):
         random.Random(seed).shuffle(texts)
         return texts
 
+    def distill_inputs(self, texts: list[str], n_pass: int) -> dict[str, torch.Tensor]:
+        """This process's rows of the global batch `texts`. With `bos_prefix`, rows i with
+        i + n_pass even (i in the global batch, so any number of processes reads the same rows)
+        start with the BOS token (each text is read both ways over two passes): perplexity
+        reads a text after BOS (lm-eval's rolling prefix), MCQ prompts without it, and the
+        student must match its teacher both ways. A model trained on texts alone never saw BOS
+        as context, so whatever follows it is left to the noised weights unless distilled."""
+        from wmdp.perplexity import prefix_token_id
+
+        if not self.config.bos_prefix:
+            return self.tokenize(share(texts))
+        rows = share([(t, (i + n_pass) % 2 == 0) for i, t in enumerate(texts)])
+        bos, n = prefix_token_id(self.tokenizer), self.config.max_length
+        ids = self.tokenizer([t for t, _ in rows], truncation=True, max_length=n)["input_ids"]
+        ids = [[bos] + x[:n - 1] if after and x[:1] != [bos] else x
+               for x, (_, after) in zip(ids, rows)]
+        return left_padded(ids, self.tokenizer.pad_token_id, self.device)
+
     def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs = self.tokenize(share(self.batches[step.idx % len(self.batches)]))  # rank's
+        n_pass, b = divmod(step.idx, len(self.batches))
+        inputs = self.distill_inputs(self.batches[b], n_pass)  # the rank's rows
         with self.original():
             teacher = self.logits(inputs)
         kl = token_kl(teacher, self.logits(inputs), inputs, self.config.temperature)
@@ -217,18 +238,23 @@ class UNDO(LMMethod):
 # batch is the shared config's; the teacher: RMU's zephyr-7b preset.
 # sandbox: tuned on the default world (seed 0) against the relearning protocol
 # (benchmarks/robustness_sandbox.py). A tiny model takes a large rate (its training's: 3e-3);
-# batches of 32 as its training's; 40 passes over the 8-batch schedule are 320 steps; on the
-# default world they read 10,050 texts (941 distinct; the record's distill_texts: some batches
-# are short), 39% of the sandbox's own training (800 x 32). Distilled on retain prose alone the
+# batches of 32 as its training's; 80 passes over the 8-batch schedule are 640 steps; on the
+# default world they read 20,081 texts (941 distinct; the record's distill_texts: some batches
+# are short), 78% of the sandbox's own training (800 x 32). Distilled on retain prose alone the
 # student lost the question format (weakest general domain 0.72): give `distill_corpora` the
-# general-domain QA lines too. alpha 0.8 (0.5 left forget accuracy at 0.41 and 26% of the gap
-# recoverable; 0.7: 0.36). The teacher is RMU's sandbox preset with retain weight 400 (100:
-# retain perplexity +5.1%, which the student inherits; 400: +2.1%, forget 0.34).
+# general-domain QA lines too. alpha: 0.5 left forget accuracy at 0.41 and 26% of the gap
+# recoverable, 0.7 0.36 (320 steps). The teacher is RMU's sandbox preset with retain weight 400
+# (100: retain perplexity +5.1%, which the student inherits; 400: +2.1%, forget 0.34). bos_prefix:
+# without it the student's retain perplexity (read after BOS, which the sandbox model never saw
+# as context) depended on the noise's seed and did not fall with more steps (alpha 0.8, 320
+# steps: +4.5% and +11.5% with seeds 42 and 1; 640 steps: -2.7% and +10.8%); with it, 640
+# steps: +2.1% and +0.9%, but forget accuracy 0.353 and 0.360; alpha 0.85: 0.280 and 0.307
+# (+2.4%, +0.9%).
 UNDO_PRESETS = presets("undo", zephyr={"teacher_preset": "zephyr-7b"},
-                       sandbox={"alpha": 0.8, "lr": 1e-3, "max_length": 512,
-                                "teacher_preset": "sandbox",
+                       sandbox={"alpha": 0.85, "lr": 1e-3, "max_length": 512,
+                                "bos_prefix": True, "teacher_preset": "sandbox",
                                 "teacher_overrides": ["rmu.alpha=[400]"]})
 UNDO_PRESETS["zephyr-7b"]["config"]["max_num_batches"] = 3000
-UNDO_PRESETS["sandbox"]["config"].update(batch_size=32, epochs=40)
+UNDO_PRESETS["sandbox"]["config"].update(batch_size=32, epochs=80)
 
 __all__ = ["UNDO", "UNDOConfig", "UNDO_PRESETS", "fresh_init", "shrink_perturb", "make_teacher"]
