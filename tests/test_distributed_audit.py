@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, save_tiny_model, write_mcq_jsonl
+from test_distributed_train import _free_port
 
 LONG = "cafe dace face fade faced decaf beef caged abed bead cafe dace face"
 
@@ -111,12 +111,6 @@ def _worker(rank: int, port: int, files: dict[str, str], root: Path) -> None:
         (root / f"rank{rank}.err").write_text(traceback.format_exc())
         os._exit(1)
     os._exit(0)  # no pytest teardown in a forked child
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_relearning_on_two_processes_gives_the_one_process_figures(setup, tmp_path):
