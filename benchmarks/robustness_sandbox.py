@@ -16,9 +16,12 @@ is the protocol's default grid cut to forget-domain attack text, 8 texts, full f
 (lrs, checkpoints and seeds unchanged): the attack that recovers RMU most.
 `--grid strong` adds 32 texts and LoRA at the two higher rates (24 runs a model).
 
-Everything goes to WORK (default runs/robustness): models/, protocol/<world>/<model>/ (plain.json
-and runs.jsonl, one line per finished attack run: a rerun skips them), then robustness.json and
-robustness.md. `--budget-s N` stops after about N seconds (rerun to continue).
+Everything goes to WORK (default runs/robustness): the worlds and their unlearned models
+(<world>/<method>/, shared by every grid), protocol/<world>/<model>/ (plain.json and runs.jsonl,
+one line per finished attack run: a rerun skips them), then robustness.json and robustness.md;
+a grid other than `small` keeps its own protocol-<grid>/ and robustness-<grid>.json/.md, so
+one WORK holds every grid's figures on the same models without mixing them. `--budget-s N`
+stops after about N seconds (rerun to continue).
 """
 
 from __future__ import annotations
@@ -173,25 +176,35 @@ def summary(cells: dict, costs: dict, build_s: float, config) -> dict:
 
 
 def table(record: dict) -> str:
+    """One row per world and model; the worst case per attack data kind (forget-domain text
+    first, with the general accuracy after it; retain and general text, where gridded, beside)."""
     g = record["grid"]
+    kinds = [k for k in ("forget", "retain", "general") if k in g["data"]]
+    others = kinds[1:]
     lines = [f"Grid `{record['grid_name']}` (every model the same): data {g['data']}, lr "
              f"{g['lrs']}, texts {g['sizes']}, {g['methods']}, checkpoints {g['checkpoints']}, "
              f"attack seeds {g['seeds']}; worst case over all of it.", "",
              "| world | method | forget acc | weakest general domain | retain ppl change | "
-             "worst-case recovered share (forget acc after) | general after | cost s "
-             "(x RMU, x sandbox build) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "worst-case recovered share (forget acc after)" + ", forget text" * bool(others)
+             + " | general after | " + "".join(f"{k} text: share (acc) | " for k in others)
+             + "cost s (x RMU, x sandbox build) |",
+             "|---|---|" + "---:|" * (6 + len(others))]
+
+    def shown(a: dict) -> str:
+        share = a["recovered_share"]
+        return f"{'-' if share is None else f'{share:.0%}'} ({a['worst_case']['forget_acc']:.3f})"
+
     for seed, w in record["worlds"].items():
         for role, r in w["rows"].items():
-            a = r["attacks"]["forget"] if "forget" in r["attacks"] else next(iter(r["attacks"].values()))
-            share = a["recovered_share"]
+            a = r["attacks"][kinds[0]]
             x_rmu = "-" if r["x_rmu"] is None else f"{r['x_rmu']:.1f}x"  # rmu not run
             cost_s = "" if r["seconds"] is None else \
                 f"{r['seconds']:.0f} ({x_rmu}, {r['x_build']:.2f}x)"
             lines.append(
                 f"| {seed} | {role} | {r['forget_acc']:.3f} | {r['weakest_general']:.3f} | "
-                f"{r['retain_ppl_change']:+.1%} | "
-                f"{'-' if share is None else f'{share:.0%}'} ({a['worst_case']['forget_acc']:.3f}) "
-                f"| {a['worst_case']['general_acc']:.3f} | {cost_s} |")
+                f"{r['retain_ppl_change']:+.1%} | {shown(a)} "
+                f"| {a['worst_case']['general_acc']:.3f} | "
+                + "".join(f"{shown(r['attacks'][k])} | " for k in others) + f"{cost_s} |")
     return "\n".join(lines)
 
 
@@ -214,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                    "finished models only, running nothing (the others are listed as unfinished)")
     args = p.parse_args(argv)
     work, clock = Path(args.work), Clock(args.budget_s)
+    tag = "" if args.grid == "small" else f"-{args.grid}"  # each grid its own results
     given = dict(s.split("=", 1) for s in args.sandbox)
     config = from_dict(ProtocolConfig, apply_overrides({}, GRIDS[args.grid]),
                        "grid")
@@ -225,17 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in seeds:
             sandbox = world(seed, given.get(str(seed)), work)
-            costs, cells = {}, {}
+            costs, cells, cell_dir = {}, {}, work / f"protocol{tag}" / sandbox.name
             for role in ("base", "oracle"):
-                cells[role] = protocol_cell(role, None, sandbox, work / "protocol" / sandbox.name
-                                            / role, config, clock, bar)
+                cells[role] = protocol_cell(role, None, sandbox, cell_dir / role, config, clock,
+                                            bar)
             for label, method, overrides in chosen:
                 try:
                     if not (work / sandbox.name / label / "unlearn_config.json").is_file():
                         clock.check()
                     model_dir = unlearn(label, method, overrides, sandbox, work)
-                    cells[label] = protocol_cell(label, model_dir, sandbox, work / "protocol"
-                                                 / sandbox.name / label, config, clock, bar)
+                    cells[label] = protocol_cell(label, model_dir, sandbox, cell_dir / label,
+                                                 config, clock, bar)
                     costs[label] = cost(model_dir)
                 except OutOfBudget:
                     if not args.partial:
@@ -252,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     if record.get("unfinished"):
         print(f"unfinished (rerun without --partial): {', '.join(record['unfinished'])}")
-    (work / "robustness.json").write_text(json.dumps(record, indent=1))
-    (work / "robustness.md").write_text(table(record) + "\n")
+    (work / f"robustness{tag}.json").write_text(json.dumps(record, indent=1))
+    (work / f"robustness{tag}.md").write_text(table(record) + "\n")
     print(table(record))
     return 0
 
