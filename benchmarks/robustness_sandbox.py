@@ -132,7 +132,8 @@ def protocol_cell(role: str, model_dir: Path | None, sandbox: Path, out: Path, c
     if not plain_file.is_file():
         plain_file.write_text(json.dumps(evaluate(model)))
     plain = json.loads(plain_file.read_text())
-    done = [json.loads(x) for x in runs_file.read_text().splitlines()] if runs_file.is_file() else []
+    done = ([json.loads(x) for x in runs_file.read_text().splitlines()]
+            if runs_file.is_file() else [])
     keys = {(r["data"], r["lr"], r["size"], r["method"], r["seed"]) for r in done}
     bar.update(len(keys))
     for kind, lr, size, method, seed in grid(config):
@@ -163,6 +164,9 @@ def summary(cells: dict, costs: dict, build_s: float, config) -> dict:
     rows = {}
     for role, cell in cells.items():
         attacks = {k: _worst(cell, k, base["plain"]["forget_acc"], config) for k in config.data}
+        for a in attacks.values():  # the retain perplexity at the worst case, against the base's
+            a["retain_ppl_change_after"] = (a["worst_case"]["retain_ppl"]
+                                            / base["plain"]["retain_ppl"] - 1)
         general = cell["plain"]["general"]
         rows[role] = {
             "forget_acc": cell["plain"]["forget_acc"], "weakest_general": min(general.values()),
@@ -173,6 +177,24 @@ def summary(cells: dict, costs: dict, build_s: float, config) -> dict:
             "x_rmu": costs[role] / costs["rmu"] if role in costs and "rmu" in costs else None,
             "x_build": costs[role] / build_s if role in costs else None}
     return rows
+
+
+def world_record(sandbox: Path, cells: dict, costs: dict, states: dict, config) -> dict:
+    """A world's rows, its build's training seconds, and each distilling method's student
+    budget: the texts it read as a fraction of the texts the sandbox model trained on."""
+    from wmdp.sandbox.build import sandbox_config
+
+    manifest = json.loads((sandbox / "data" / "manifest.json").read_text())
+    build_s = manifest["build"]["train_seconds"]
+    trained = manifest["counts"]["steps"] * sandbox_config(
+        manifest["preset"], manifest["seed"]).train.batch_size
+    rows = summary(cells, costs, build_s, config)
+    for label, record in states.items():
+        read = record.get("method_state", {}).get("distill_texts")
+        if read is not None and label in rows:
+            rows[label].update(student_texts=read, student_budget=read / trained)
+    return {"sandbox": str(sandbox), "build_train_seconds": build_s,
+            "training_texts_read": trained, "rows": rows}
 
 
 def table(record: dict) -> str:
@@ -186,9 +208,10 @@ def table(record: dict) -> str:
              f"attack seeds {g['seeds']}; worst case over all of it.", "",
              "| world | method | forget acc | weakest general domain | retain ppl change | "
              "worst-case recovered share (forget acc after)" + ", forget text" * bool(others)
-             + " | general after | " + "".join(f"{k} text: share (acc) | " for k in others)
+             + " | general after | retain ppl after | "
+             + "".join(f"{k} text: share (acc) | " for k in others)
              + "cost s (x RMU, x sandbox build) |",
-             "|---|---|" + "---:|" * (6 + len(others))]
+             "|---|---|" + "---:|" * (7 + len(others))]
 
     def shown(a: dict) -> str:
         share = a["recovered_share"]
@@ -198,12 +221,14 @@ def table(record: dict) -> str:
         for role, r in w["rows"].items():
             a = r["attacks"][kinds[0]]
             x_rmu = "-" if r["x_rmu"] is None else f"{r['x_rmu']:.1f}x"  # rmu not run
+            student = ("" if r.get("student_budget") is None
+                       else f"; student {r['student_budget']:.0%} of training")
             cost_s = "" if r["seconds"] is None else \
-                f"{r['seconds']:.0f} ({x_rmu}, {r['x_build']:.2f}x)"
+                f"{r['seconds']:.0f} ({x_rmu}, {r['x_build']:.2f}x{student})"
             lines.append(
                 f"| {seed} | {role} | {r['forget_acc']:.3f} | {r['weakest_general']:.3f} | "
                 f"{r['retain_ppl_change']:+.1%} | {shown(a)} "
-                f"| {a['worst_case']['general_acc']:.3f} | "
+                f"| {a['worst_case']['general_acc']:.3f} | {a['retain_ppl_change_after']:+.1%} | "
                 + "".join(f"{shown(r['attacks'][k])} | " for k in others) + f"{cost_s} |")
     return "\n".join(lines)
 
@@ -240,25 +265,27 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             sandbox = world(seed, given.get(str(seed)), work)
             costs, cells, cell_dir = {}, {}, work / f"protocol{tag}" / sandbox.name
-            for role in ("base", "oracle"):
-                cells[role] = protocol_cell(role, None, sandbox, cell_dir / role, config, clock,
-                                            bar)
-            for label, method, overrides in chosen:
+            states: dict = {}
+            for label, method, overrides in [("base", None, []), ("oracle", None, [])] + chosen:
                 try:
+                    if method is None:  # the base model and the oracle, from the sandbox
+                        cells[label] = protocol_cell(label, None, sandbox, cell_dir / label,
+                                                     config, clock, bar)
+                        continue
                     if not (work / sandbox.name / label / "unlearn_config.json").is_file():
                         clock.check()
                     model_dir = unlearn(label, method, overrides, sandbox, work)
                     cells[label] = protocol_cell(label, model_dir, sandbox, cell_dir / label,
                                                  config, clock, bar)
                     costs[label] = cost(model_dir)
+                    states[label] = json.loads((model_dir / "unlearn_config.json").read_text())
                 except OutOfBudget:
                     if not args.partial:
                         raise
                     record.setdefault("unfinished", []).append(f"{seed}:{label}")
-            manifest = json.loads((sandbox / "data" / "manifest.json").read_text())
-            build_s = manifest["build"]["train_seconds"]
-            record["worlds"][str(seed)] = {"sandbox": str(sandbox), "build_train_seconds": build_s,
-                                           "rows": summary(cells, costs, build_s, config)}
+            if "base" not in cells:  # every share is against the base model's figures
+                continue
+            record["worlds"][str(seed)] = world_record(sandbox, cells, costs, states, config)
     except OutOfBudget:
         bar.close()
         print(f"stopped after the {args.budget_s:g} s budget; rerun to continue", file=sys.stderr)

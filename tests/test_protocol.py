@@ -235,3 +235,19 @@ def test_outside_the_sandbox_the_general_tasks_must_be_named(inputs, tmp_path):
         audit_inputs(ctx, ProtocolConfig())
     with pytest.raises(WmdpError, match="protocol.general_corpora names no corpus"):
         audit_inputs(ctx, ProtocolConfig(general_tasks=["mmlu_virology"]))
+
+
+def test_audit_control_leaves_out_the_out_of_domain_text():
+    """In an audit the control data is the retain corpora; a sandbox's retain.jsonl also holds
+    its far domain's prose (the general attack's text), which the control leaves out: what is
+    left is exactly the near domains' files, and a corpus with nothing left is dropped."""
+    from wmdp.audit.protocol_audit import _control
+    from wmdp.data.corpus import load_corpus
+
+    data = SANDBOX / "data"
+    retain, far = load_corpus(data / "retain.jsonl"), load_corpus(data / "retain_geography.jsonl")
+    near = [load_corpus(data / f"retain_{d}.jsonl") for d in ("botany", "software")]
+    control = _control([retain], [far])
+    assert len(control) == 1 and not set(control[0].texts) & set(far.texts)
+    assert sorted(control[0].texts) == sorted(t for c in near for t in c.texts)
+    assert _control(near, [far]) == near and _control([far], [far]) == []

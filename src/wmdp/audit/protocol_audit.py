@@ -6,8 +6,9 @@
     wmdp run --set audit.protocol=true --set sandbox.oracle=true      # in the pipeline
 
 The audit's base and unlearned models, forget questions and forget corpora are the protocol's;
-its retain corpora are the control data and, for the texts no run trains on, the retain
-perplexity measured after each attack. Found unless set:
+its retain corpora are the control data (less any text of the out-of-domain corpora: a
+sandbox's retain.jsonl holds its far domain too) and, for the texts no run trains on, the
+retain perplexity measured after each attack. Found unless set:
 - the oracle: `<build>/oracle/model` beside a sandbox base model (`<build>/model`), as
   `wmdp sandbox build` leaves it (`protocol.oracle` names another; "none": without one);
 - the general tasks (ability after the attack) and the out-of-domain text: a sandbox's general
@@ -53,6 +54,18 @@ def _data_dir(ctx: AuditContext) -> Path | None:
     return Path(paths[0]).parent if paths else None
 
 
+def _control(retain: list, far: list) -> list:
+    """The control data: the retain corpora without any text of the out-of-domain corpora (a
+    sandbox's retain.jsonl holds its far domain's prose too), so the two attacks stay apart."""
+    from wmdp.data.corpus import Corpus
+
+    drop = {t for c in far for t in c.texts}
+    kept = [c if drop.isdisjoint(c.texts) else
+            Corpus(c.name, [t for t in c.texts if t not in drop],
+                   f"{c.source} without the out-of-domain corpora's texts") for c in retain]
+    return [c for c in kept if c.texts]  # none left: the grid's check names the missing data
+
+
 def audit_inputs(ctx: AuditContext, config: ProtocolConfig) -> tuple[ProtocolInputs, dict]:
     """The protocol's inputs from the audit's context, and where each added part came from."""
     from wmdp.data.corpus import load_corpus
@@ -83,8 +96,8 @@ def audit_inputs(ctx: AuditContext, config: ProtocolConfig) -> tuple[ProtocolInp
         models["oracle"] = load_model(oracle, dtype=str(param.dtype).removeprefix("torch."),
                                       device=str(param.device))
     items = {**ctx.items, **{t: task.load_items() for t, task in general.items()}}
-    corpora = {"forget": ctx.forget, "retain": ctx.retain,
-               "general": [load_corpus(s) for s in specs] if "general" in config.data else []}
+    far = [load_corpus(s) for s in specs] if "general" in config.data else []
+    corpora = {"forget": ctx.forget, "retain": _control(ctx.retain, far), "general": far}
     ppl = [t for c in ctx.retain for t in reversed(c.texts)]  # far from the texts runs train on
     inputs = ProtocolInputs(models, dict(ctx.tasks), general, items, corpora, ppl)
     return inputs, {"oracle": oracle, "general_tasks": list(general),
