@@ -182,3 +182,33 @@ def test_default_threads_one_on_two_cpus_unless_set():
     env = {}
     default_threads(env, cpus=16)
     assert env == {}  # torch's default on a larger machine
+
+
+def test_sandbox_general_qa_writes_the_general_domains_questions(capsys, tmp_path):
+    """`wmdp sandbox general-qa`: exactly the training QA lines that ask a general domain's seen
+    question (checked against the question files, not the code's forget filter); refuses an
+    output inside the sandbox, an existing one without --overwrite, and a directory that is no
+    sandbox, each with one line and exit 2, leaving the sandbox's files as they were."""
+    import re
+
+    from conftest import FIXTURES
+
+    sandbox = FIXTURES / "sandbox-small"
+    data = sandbox / "data"
+    general = {json.loads(line)["question"] for d in ("botany", "software", "geography")
+               for line in (data / f"sandbox_{d}_seen.jsonl").read_text().splitlines()}
+    out = tmp_path / "general_qa.jsonl"
+    code, stdout, _ = run_cli(capsys, "sandbox", "general-qa", sandbox, "--output", out)
+    assert code == 0 and "90 general-domain QA lines" in stdout
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    asked = [re.search(r"Question: (.*)\n", t).group(1) for t in texts]
+    assert sorted(asked) == sorted(general)  # each general seen question once, nothing else
+    listing = sorted((p.name, p.stat().st_mtime_ns) for p in data.iterdir())
+    for argv, expected in (
+            ([sandbox, "--output", data / "g.jsonl"], "inside the sandbox"),
+            ([sandbox, "--output", out], "exists (use --overwrite"),
+            ([tmp_path, "--output", tmp_path / "x.jsonl"], "not a built sandbox")):
+        code, _, err = run_cli(capsys, "sandbox", "general-qa", *argv)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in data.iterdir()) == listing
+    assert run_cli(capsys, "sandbox", "general-qa", sandbox, "--output", out, "--overwrite")[0] == 0

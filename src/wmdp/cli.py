@@ -241,6 +241,12 @@ def _sandbox_parser(sub: argparse._SubParsersAction) -> None:
                         "else ~/.cache/wmdp/sandbox)")
     w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the run's sandbox.overrides")
     w.set_defaults(func=_cmd_sandbox_path)
+    g = actions.add_parser("general-qa", help="write a built sandbox's general-domain QA lines "
+                           "(UNDO's general distillation text: the oracle's QA) as a .jsonl")
+    g.add_argument("sandbox", help="a built sandbox directory (its data/ is read)")
+    g.add_argument("--output", required=True, help="the .jsonl to write (outside the sandbox)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    g.set_defaults(func=_cmd_sandbox_general_qa)
 
 
 def _cmd_sandbox_build(args: argparse.Namespace) -> int:
@@ -259,6 +265,24 @@ def _cmd_sandbox_path(args: argparse.Namespace) -> int:
     from wmdp.pipeline import SandboxSection, built_sandbox
 
     print(built_sandbox(SandboxSection(args.preset, args.seed, args.cache_dir, args.overrides)))
+    return 0
+
+
+def _cmd_sandbox_general_qa(args: argparse.Namespace) -> int:
+    from wmdp.io import write_jsonl
+    from wmdp.sandbox.data import general_qa_texts
+
+    root, out = Path(args.sandbox).resolve(), Path(args.output).resolve()
+    if not (root / "data" / "manifest.json").is_file():
+        raise WmdpError(f"{args.sandbox}: not a built sandbox (no data/manifest.json)")
+    if out == root or root in out.parents:
+        raise WmdpError(f"--output {args.output}: inside the sandbox {args.sandbox}, an input; "
+                        "write it elsewhere")
+    if out.exists() and not args.overwrite:
+        raise WmdpError(f"--output {args.output} exists (use --overwrite to replace it)")
+    texts = general_qa_texts(root / "data")
+    write_jsonl(out, [{"text": t} for t in texts])
+    print(f"wrote {args.output}: {len(texts)} general-domain QA lines")
     return 0
 
 
