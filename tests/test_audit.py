@@ -265,6 +265,62 @@ def test_relearn_curve_matches_fine_tuning_a_copy(quiz_ctx):
         assert point["loss"] == (None if loss is None else pytest.approx(loss, rel=1e-6))
 
 
+def test_relearn_runs_the_oracle_the_same_way_and_puts_the_audits_models_back(quiz_ctx,
+                                                                             tmp_path):
+    """`relearn.oracle`: a third model relearns on the same texts with the same seed, as
+    `relearn_curve` on a freshly loaded copy of it does; its plain accuracy is the evaluator's
+    on it; the audit's two models stay the audit's and the oracle is dropped; "none": without."""
+    from dataclasses import replace
+
+    oracle_dir = save_tiny_model(tmp_path / "oracle", "llama", GPT2_TOK, seed=2, layers=3)
+    cfg = RelearnConfig(num_texts=4, steps=4, eval_every=2, batch_size=2, lr=1e-2,
+                        oracle=str(oracle_dir))
+    out = run_relearn(quiz_ctx, cfg)
+    assert out["oracle"] == {"source": str(oracle_dir)} and set(quiz_ctx.subjects) == {
+        "base", "unlearned"} and "oracle" not in quiz_ctx.reference
+    quiz = out["tasks"]["quiz"]
+    assert quiz["n_unmentioned"] == quiz["n"]  # random words name no question: all counted
+    model, tok = load_model(str(oracle_dir), dtype="float32", device="cpu")
+    plain = _correct(model, tok, quiz_ctx)
+    rec = out["recovery"]["quiz"]
+    assert rec["oracle_plain"] == pytest.approx(np.mean(plain))
+    ctx = replace(quiz_ctx, reference={**quiz_ctx.reference, "oracle": {"quiz": plain}})
+    questions = quiz_ctx.items["quiz"]
+    for kind, corpora in (("forget", quiz_ctx.forget), ("retain", quiz_ctx.retain)):
+        chosen, _ = select_texts(corpora, 4, questions, True)
+        curve = relearn_curve(Subject("oracle", model, tok), chosen, ctx, cfg, "naive")
+        accs = [np.mean(p["correct"]["quiz"]) for p in curve]
+        assert quiz[f"oracle_{kind}"]["acc"] == pytest.approx(accs)
+        key = "oracle_attacked" + ("" if kind == "forget" else "_control")
+        assert rec[key] == pytest.approx(max(accs))
+    none = run_relearn(quiz_ctx, replace(cfg, oracle="none"))
+    assert none["oracle"] == {"source": None} and "oracle_plain" not in none["recovery"]["quiz"]
+    assert "oracle_forget" not in none["tasks"]["quiz"]
+
+
+def test_relearn_verdict_gives_the_oracles_share_of_its_own_gap():
+    """Pooled over tasks by question count; the oracle's share is (attacked - its plain) /
+    (base - its plain), by hand here; the sentence says it."""
+    from wmdp.audit.verdicts import verdict
+
+    def entry(n, base, unl, att, ctrl, op, oa, oc):
+        return {"n": n, "base": base, "unlearned": unl, "attacked": att, "base_attacked": 1.0,
+                "attacked_control": ctrl, "base_attacked_control": 1.0, "oracle_plain": op,
+                "oracle_attacked": oa, "oracle_attacked_control": oc, "questions": "q"}
+
+    result = {"recovery": {"a": entry(10, 0.9, 0.3, 0.6, 0.35, 0.25, 0.3, 0.25),
+                           "b": entry(30, 0.8, 0.2, 0.4, 0.2, 0.3, 0.4, 0.3)}}
+    v = verdict("relearn", result)
+    base, op, oa, oc = 0.825, 0.2875, 0.375, 0.2875  # (10 x a + 30 x b) / 40
+    assert v["oracle"]["plain"] == pytest.approx(op) and v["oracle"]["attacked"] == \
+        pytest.approx(oa)
+    assert v["oracle"]["recovered_fraction"] == pytest.approx((oa - op) / (base - op))
+    assert v["oracle"]["recovered_fraction_control"] == pytest.approx((oc - op) / (base - op))
+    assert "The oracle" in v["text"] and "16% of its gap" in v["text"]
+    del result["recovery"]["a"]["oracle_plain"]  # an entry without: no oracle figures
+    assert "oracle" not in verdict("relearn", result)
+
+
 @needs_sandbox
 def test_relearning_the_base_model_does_not_reduce_its_accuracy():
     reg = Registry.build(SANDBOX / "data")

@@ -34,8 +34,9 @@ DATA_TEXT = {"forget": "forget texts", "retain": "retain texts (the control)",
              "general": "out-of-domain text"}
 
 
-def find_oracle(config: ProtocolConfig, base_source: str) -> str | None:
-    """The oracle's directory: the one set, or a sandbox build's beside the base model."""
+def find_oracle(config: ProtocolConfig | Any, base_source: str) -> str | None:
+    """The oracle's directory: the one set (`config.oracle`; "none": without one), or a sandbox
+    build's beside the base model."""
     from wmdp.sandbox.oracle import oracle_model_dir
 
     if config.oracle == "none":
@@ -46,6 +47,23 @@ def find_oracle(config: ProtocolConfig, base_source: str) -> str | None:
         return None
     beside = oracle_model_dir(Path(base_source).parent)
     return str(beside) if (beside / "config.json").is_file() else None
+
+
+def load_oracle(ctx: AuditContext, config: ProtocolConfig | Any) -> tuple[str | None, Any]:
+    """(its directory, (model, tokenizer)) of the oracle `find_oracle` names, loaded as the
+    audit's two models are (a context built in code: the base model's dtype and device);
+    (None, None) without one."""
+    from wmdp.models import load_model
+
+    base = ctx.subjects["base"].model
+    oracle = find_oracle(config, str(getattr(base, "name_or_path", "") or ""))
+    if oracle is None:
+        return None, None
+    if ctx.model_spec is not None:
+        return oracle, ctx.model_spec.model_spec(model=oracle, revision=None).load_model()
+    param = next(base.parameters())
+    return oracle, load_model(oracle, dtype=str(param.dtype).removeprefix("torch."),
+                              device=str(param.device))
 
 
 def _data_dir(ctx: AuditContext) -> Path | None:
@@ -69,7 +87,6 @@ def _control(retain: list, far: list) -> list:
 def audit_inputs(ctx: AuditContext, config: ProtocolConfig) -> tuple[ProtocolInputs, dict]:
     """The protocol's inputs from the audit's context, and where each added part came from."""
     from wmdp.data.corpus import load_corpus
-    from wmdp.models import load_model
     from wmdp.tasks import Registry
 
     data_dir = _data_dir(ctx)
@@ -86,15 +103,10 @@ def audit_inputs(ctx: AuditContext, config: ProtocolConfig) -> tuple[ProtocolInp
         raise WmdpError("protocol.general_corpora names no corpus: the general attack data is "
                         "out-of-domain text (e.g. --set protocol.general_corpora=[wikitext]), or "
                         "leave it out (--set protocol.data=[forget,retain])")
-    base = ctx.subjects["base"].model
     models = {r: (s.model, s.tokenizer) for r, s in ctx.subjects.items()}
-    oracle = find_oracle(config, str(getattr(base, "name_or_path", "") or ""))
-    if oracle is not None and ctx.model_spec is not None:  # loaded as the audit's two models
-        models["oracle"] = ctx.model_spec.model_spec(model=oracle, revision=None).load_model()
-    elif oracle is not None:  # a context built in code: the base model's dtype and device
-        param = next(base.parameters())
-        models["oracle"] = load_model(oracle, dtype=str(param.dtype).removeprefix("torch."),
-                                      device=str(param.device))
+    oracle, loaded = load_oracle(ctx, config)
+    if loaded is not None:
+        models["oracle"] = loaded
     items = {**ctx.items, **{t: task.load_items() for t, task in general.items()}}
     far = [load_corpus(s) for s in specs] if "general" in config.data else []
     corpora = {"forget": ctx.forget, "retain": _control(ctx.retain, far), "general": far}

@@ -70,6 +70,9 @@ class RelearnConfig:
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])  # peft target_modules
     disjoint: bool = True             # prefer texts that never mention an audited question
+    oracle: str = ""                  # a model that never learned the forget domains, relearned
+    # the same way (the floor): "" a sandbox build's oracle/model beside the base model, when
+    # there is one; "none": without; or a model directory
 
 
 def _words(text: str) -> set[str]:
@@ -209,11 +212,16 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
         record[kind] = {"corpora": [c.record() for c in cs], "n": len(texts[kind]),
                         "sha256": sha256_json(texts[kind]),
                         "questions_mentioned": {t: sum(f) for t, f in mentioned[kind].items()}}
+    subjects = dict(ctx.subjects)
+    oracle, ctx = _with_oracle(ctx, config)
+    if oracle["source"] is not None:
+        subjects["oracle"] = oracle.pop("subject")
     curves: dict[str, dict[str, list[dict]]] = {}
-    for role, subject in ctx.subjects.items():
+    for role, subject in subjects.items():
         for kind in corpora:
             curves.setdefault(role, {})[kind] = relearn_curve(subject, texts[kind], ctx, config,
                                                               f"{role} on {kind}")
+    subjects.pop("oracle", None)  # the audit's two models stay; the oracle goes
     tasks: dict[str, Any] = {}
     recovery: dict[str, Any] = {}
     for t in ctx.tasks:
@@ -229,12 +237,38 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
         best = {f"{r}_{k}": max(tasks[t][f"{r}_{k}"]["acc_unmentioned"])
                 for r in curves for k in corpora}
         recovery[t] = recovery_entry(ctx, t, best["unlearned_forget"], best["base_forget"], keep)
+        if "oracle" in curves:  # its own plain accuracy on the same questions, and attacked
+            recovery[t].update(oracle_plain=ctx.plain_acc("oracle", t, keep),
+                               oracle_attacked=best["oracle_forget"],
+                               oracle_attacked_control=best["oracle_retain"])
         recovery[t].update(attacked_control=best["unlearned_retain"],
                            base_attacked_control=best["base_retain"],
                            questions=f"the {len(keep)} of {len(ctx.items[t])} questions no chosen "
                                      "forget text names; the highest accuracy over the "
                                      f"evaluated steps {tasks[t]['steps']}")
-    return {"texts": record, "tasks": tasks, "recovery": recovery}
+    return {"texts": record, "tasks": tasks, "recovery": recovery, "oracle": oracle}
+
+
+def _with_oracle(ctx: AuditContext, config: RelearnConfig) -> tuple[dict, AuditContext]:
+    """The oracle (`relearn.oracle`) as a third subject, and the context with its plain
+    accuracy as a reference. One process only: under torchrun it is left out, and the record
+    says so."""
+    from dataclasses import replace
+
+    from wmdp.audit.protocol_audit import find_oracle, load_oracle
+
+    base = ctx.subjects["base"].model
+    found = find_oracle(config, str(getattr(base, "name_or_path", "") or ""))
+    if found is None:
+        return {"source": None}, ctx
+    if rank_world()[1] > 1:
+        return {"source": None, "left_out": f"{found}: the oracle relearns as one process only "
+                "(run the audit without torchrun to see it)"}, ctx
+    source, (model, tok) = load_oracle(ctx, config)
+    plain = task_accuracy(model, tok, ctx.tasks, ctx.items, ctx.style.name, ctx.batch_size)
+    ctx = replace(ctx, reference={**ctx.reference,
+                                  "oracle": {t: f["correct"] for t, f in plain.items()}})
+    return {"source": source, "subject": Subject("oracle", model, tok)}, ctx
 
 
 def _split_flags(flags: list[bool], ctx: AuditContext) -> dict[str, list[bool]]:
