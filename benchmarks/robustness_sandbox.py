@@ -182,12 +182,12 @@ def summary(cells: dict, costs: dict, build_s: float, config) -> dict:
 def world_record(sandbox: Path, cells: dict, costs: dict, states: dict, config) -> dict:
     """A world's rows, its build's training seconds, and each distilling method's student
     budget: the texts it read as a fraction of the texts the sandbox model trained on."""
-    from wmdp.sandbox.build import sandbox_config
+    from wmdp.sandbox.build import BUILD
 
     manifest = json.loads((sandbox / "data" / "manifest.json").read_text())
     build_s = manifest["build"]["train_seconds"]
-    trained = manifest["counts"]["steps"] * sandbox_config(
-        manifest["preset"], manifest["seed"]).train.batch_size
+    batch = json.loads((sandbox / BUILD).read_text())["config"]["train"]["batch_size"]
+    trained = manifest["counts"]["steps"] * batch  # the config the build recorded, as run
     rows = summary(cells, costs, build_s, config)
     for label, record in states.items():
         read = record.get("method_state", {}).get("distill_texts")

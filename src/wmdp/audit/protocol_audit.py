@@ -49,21 +49,22 @@ def find_oracle(config: ProtocolConfig | Any, base_source: str) -> str | None:
     return str(beside) if (beside / "config.json").is_file() else None
 
 
-def load_oracle(ctx: AuditContext, config: ProtocolConfig | Any) -> tuple[str | None, Any]:
-    """(its directory, (model, tokenizer)) of the oracle `find_oracle` names, loaded as the
-    audit's two models are (a context built in code: the base model's dtype and device);
-    (None, None) without one."""
+def audit_oracle(ctx: AuditContext, config: ProtocolConfig | Any) -> str | None:
+    """`find_oracle` for the audit's base model."""
+    base = ctx.subjects["base"].model
+    return find_oracle(config, str(getattr(base, "name_or_path", "") or ""))
+
+
+def load_oracle(ctx: AuditContext, oracle: str) -> tuple[Any, Any]:
+    """(model, tokenizer), loaded as the audit's two models are (a context built in code: the
+    base model's dtype and device)."""
     from wmdp.models import load_model
 
-    base = ctx.subjects["base"].model
-    oracle = find_oracle(config, str(getattr(base, "name_or_path", "") or ""))
-    if oracle is None:
-        return None, None
     if ctx.model_spec is not None:
-        return oracle, ctx.model_spec.model_spec(model=oracle, revision=None).load_model()
-    param = next(base.parameters())
-    return oracle, load_model(oracle, dtype=str(param.dtype).removeprefix("torch."),
-                              device=str(param.device))
+        return ctx.model_spec.model_spec(model=oracle, revision=None).load_model()
+    param = next(ctx.subjects["base"].model.parameters())
+    return load_model(oracle, dtype=str(param.dtype).removeprefix("torch."),
+                      device=str(param.device))
 
 
 def _data_dir(ctx: AuditContext) -> Path | None:
@@ -104,9 +105,9 @@ def audit_inputs(ctx: AuditContext, config: ProtocolConfig) -> tuple[ProtocolInp
                         "out-of-domain text (e.g. --set protocol.general_corpora=[wikitext]), or "
                         "leave it out (--set protocol.data=[forget,retain])")
     models = {r: (s.model, s.tokenizer) for r, s in ctx.subjects.items()}
-    oracle, loaded = load_oracle(ctx, config)
-    if loaded is not None:
-        models["oracle"] = loaded
+    oracle = audit_oracle(ctx, config)
+    if oracle is not None:
+        models["oracle"] = load_oracle(ctx, oracle)
     items = {**ctx.items, **{t: task.load_items() for t, task in general.items()}}
     far = [load_corpus(s) for s in specs] if "general" in config.data else []
     corpora = {"forget": ctx.forget, "retain": _control(ctx.retain, far), "general": far}

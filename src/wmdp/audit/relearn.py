@@ -212,16 +212,13 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
         record[kind] = {"corpora": [c.record() for c in cs], "n": len(texts[kind]),
                         "sha256": sha256_json(texts[kind]),
                         "questions_mentioned": {t: sum(f) for t, f in mentioned[kind].items()}}
-    subjects = dict(ctx.subjects)
-    oracle, ctx = _with_oracle(ctx, config)
-    if oracle["source"] is not None:
-        subjects["oracle"] = oracle.pop("subject")
+    oracle, subjects, ctx = _with_oracle(ctx, config)
     curves: dict[str, dict[str, list[dict]]] = {}
     for role, subject in subjects.items():
         for kind in corpora:
             curves.setdefault(role, {})[kind] = relearn_curve(subject, texts[kind], ctx, config,
                                                               f"{role} on {kind}")
-    subjects.pop("oracle", None)  # the audit's two models stay; the oracle goes
+    del subjects  # the audit's two models stay in ctx; the oracle goes
     tasks: dict[str, Any] = {}
     recovery: dict[str, Any] = {}
     for t in ctx.tasks:
@@ -249,26 +246,26 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
     return {"texts": record, "tasks": tasks, "recovery": recovery, "oracle": oracle}
 
 
-def _with_oracle(ctx: AuditContext, config: RelearnConfig) -> tuple[dict, AuditContext]:
-    """The oracle (`relearn.oracle`) as a third subject, and the context with its plain
-    accuracy as a reference. One process only: under torchrun it is left out, and the record
-    says so."""
+def _with_oracle(ctx: AuditContext,
+                 config: RelearnConfig) -> tuple[dict, dict[str, Subject], AuditContext]:
+    """The record of the oracle (`relearn.oracle`), the subjects to relearn (the audit's two,
+    and the oracle where there is one), and the context with its plain accuracy as a reference.
+    One process only: under torchrun it is left out, and the record says so."""
     from dataclasses import replace
 
-    from wmdp.audit.protocol_audit import find_oracle, load_oracle
+    from wmdp.audit.protocol_audit import audit_oracle, load_oracle
 
-    base = ctx.subjects["base"].model
-    found = find_oracle(config, str(getattr(base, "name_or_path", "") or ""))
+    found = audit_oracle(ctx, config)
     if found is None:
-        return {"source": None}, ctx
+        return {"source": None}, dict(ctx.subjects), ctx
     if rank_world()[1] > 1:
-        return {"source": None, "left_out": f"{found}: the oracle relearns as one process only "
-                "(run the audit without torchrun to see it)"}, ctx
-    source, (model, tok) = load_oracle(ctx, config)
+        return ({"source": None, "left_out": f"{found}: the oracle relearns as one process only "
+                 "(run the audit without torchrun to see it)"}, dict(ctx.subjects), ctx)
+    model, tok = load_oracle(ctx, found)
     plain = task_accuracy(model, tok, ctx.tasks, ctx.items, ctx.style.name, ctx.batch_size)
     ctx = replace(ctx, reference={**ctx.reference,
                                   "oracle": {t: f["correct"] for t, f in plain.items()}})
-    return {"source": source, "subject": Subject("oracle", model, tok)}, ctx
+    return {"source": found}, {**ctx.subjects, "oracle": Subject("oracle", model, tok)}, ctx
 
 
 def _split_flags(flags: list[bool], ctx: AuditContext) -> dict[str, list[bool]]:
