@@ -11,8 +11,9 @@ corpus), then `wmdp eval` of the unlearned model on the held-out sandbox questio
 `sandbox_forget`: bio, cyber; `sandbox_general`: botany, software, geography; cloze, `acc`) and
 the word perplexity of the retain corpus. The base model is evaluated the same way. Models and
 evaluations go to WORK (default runs/baselines_<sandbox dir name>: models/<run>/,
-evals/<run>/results.json; a rerun resumes finished runs), `wmdp compare`'s compare.md,
-compare.json and compare.png to OUTPUT (default benchmarks/results/baselines_sandbox).
+evals/<run>/results.json; a rerun resumes finished runs; `wmdp compare`'s compare.md, .json and
+.png in compare/); the table goes to docs/results/baselines_sandbox.json and .md (--output DIR
+elsewhere).
 
 The sweep (one knob per method, the rest at the `sandbox` preset): the learning rate of every
 trained method (its strength over the sandbox's fixed number of steps; the ranges bracket where
@@ -20,7 +21,7 @@ each method starts to forget, found by a coarser grid 1e-4..3e-3), RMU at its pr
 selection weighting alpha (the dampening constant lambda at 1, the paper's value). The sandbox
 preset trains every baseline at a constant rate with no weight decay, SCRUB with AdamW (not the
 recipes' schedules, decay and SCRUB's SGD, which the methods' defaults follow): these are the
-settings the sweep's figures in README.md were measured with.
+settings the sweep's figures in docs/methods.md were measured with.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from docs_results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,8 +75,8 @@ def unlearn(method: str, hparams: dict[str, float], model_dir: Path, data: Path,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sandbox", type=Path, help="a built sandbox directory (data/, model/)")
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results"
-                        / "baselines_sandbox")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="folder for baselines_sandbox.json and .md (default docs/results)")
     parser.add_argument("--work", type=Path, default=None,
                         help="unlearned models and evaluations (default: "
                              "runs/baselines_<sandbox dir name>)")
@@ -103,10 +106,14 @@ def main() -> int:
         evals.append(work / "evals" / label)
         evaluate(unlearned, data, evals[-1])
         print(f"{label}: {time.perf_counter() - t:.0f} s", flush=True)
-    table = run_compare(evals, output=args.output)
+    table = run_compare(evals, output=work / "compare")
+    seconds = time.perf_counter() - t0
+    md = write_result("baselines_sandbox", {"runs": len(runs), "seconds": round(seconds),
+                                            **{k: v for k, v in table.items() if k != "markdown"}},
+                      table["markdown"], args.output)
     print(table["markdown"])
-    print(f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s; wrote {args.output}/"
-          "compare.md, compare.json, compare.png")
+    print(f"\n{len(runs)} runs in {seconds:.0f} s; wrote {md} and its .json, and "
+          f"{work / 'compare'}/compare.md, compare.json, compare.png")
     return 0
 
 

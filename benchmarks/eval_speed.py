@@ -6,7 +6,8 @@ Builds a random-init Llama with Mistral-7B's tokenizer (32k vocabulary) and a fi
 WMDP-shaped questions of varied length, then scores them with lm-eval (a custom task on the same
 local file, through `wmdp.lmeval_bridge`) and with wmdp, each in its own process so that peak
 memory is each tool's own. Prints per-item agreement, throughput (questions per second) and
-peak memory, with the ratio wmdp / lm-eval, and writes benchmarks/results/eval_speed.json.
+peak memory, with the ratio wmdp / lm-eval, and writes docs/results/eval_speed.json and .md
+(--output DIR elsewhere).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from docs_results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizers" / "mistral-7b-v0.1"
@@ -96,6 +99,8 @@ def main() -> None:
     ap.add_argument("--model-dir")
     ap.add_argument("--questions-file")
     ap.add_argument("--out")
+    ap.add_argument("--output", default=None, help="folder for eval_speed.json and .md "
+                    "(default docs/results)")
     args = ap.parse_args()
     if args.worker:
         result = worker(args.worker, args.model_dir, args.questions_file, args.batch_size,
@@ -131,21 +136,19 @@ def main() -> None:
     extra = {t: runs[t]["peak_rss_mb"] - runs[t]["rss_after_load_mb"] for t in runs}
     summary["throughput_ratio"] = qps["wmdp"] / qps["lmeval"]
     summary["peak_rss_ratio"] = runs["wmdp"]["peak_rss_mb"] / runs["lmeval"]["peak_rss_mb"]
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval_speed.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n{n} questions, {summary['model']}, batch size {args.batch_size}, CPU threads "
-          f"{os.environ.get('BENCH_THREADS', '2')}")
-    print("| tool | seconds | questions/s | peak RSS MB | RSS growth while scoring MB |")
-    print("|---|---:|---:|---:|---:|")
+    lines = [f"{n} questions, {summary['model']}, batch size {args.batch_size}, CPU threads "
+             f"{os.environ.get('BENCH_THREADS', '2')}", "",
+             "| tool | seconds | questions/s | peak RSS MB | RSS growth while scoring MB |",
+             "|---|---:|---:|---:|---:|"]
     for t in ("lmeval", "wmdp"):
-        print(f"| {t} | {runs[t]['seconds']:.2f} | {qps[t]:.1f} | {runs[t]['peak_rss_mb']:.0f} | "
-              f"{extra[t]:.0f} |")
-    print(f"| ratio wmdp / lm-eval | | {summary['throughput_ratio']:.2f}x | "
-          f"{summary['peak_rss_ratio']:.2f} | |")
-    print(f"per-item agreement: {same_pred}/{n} ({100 * same_pred / n:.1f}%), "
-          f"max |loglikelihood diff| {max_diff:.2e}")
-
+        lines.append(f"| {t} | {runs[t]['seconds']:.2f} | {qps[t]:.1f} | {runs[t]['peak_rss_mb']:.0f} | "
+                     f"{extra[t]:.0f} |")
+    lines += [f"| ratio wmdp / lm-eval | | {summary['throughput_ratio']:.2f}x | "
+              f"{summary['peak_rss_ratio']:.2f} | |", "",
+              f"per-item agreement: {same_pred}/{n} ({100 * same_pred / n:.1f}%), "
+              f"max |loglikelihood diff| {max_diff:.2e}"]
+    md = write_result("eval_speed", summary, "\n".join(lines), args.output)
+    print("\n" + "\n".join(lines) + f"\nwrote {md} and its .json")
 
 if __name__ == "__main__":
     main()

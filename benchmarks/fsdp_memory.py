@@ -11,7 +11,7 @@ does not shard), and as 2 CPU processes (gloo) under torchrun. Each process repo
 the mapped file pages it touched, pages the processes share through the page cache) after each
 stage. The table gives each stage's private memory growth against the model's size: loading
 maps the file (growth far below the model), sharding copies each process's 1/N out of the map.
-JSON to --output. Linux only.
+Writes docs/results/fsdp_memory.json and .md (--output DIR elsewhere). Linux only.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from docs_results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizers" / "mistral-7b-v0.1"
@@ -75,7 +77,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "fsdp_memory.json"))
+    p.add_argument("--output", default=None, help="folder for fsdp_memory.json and .md "
+                   "(default docs/results)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -105,19 +108,19 @@ def main() -> int:
                 row["sharded_private_mb"] = stages["sharded"]["RssAnon"] - start
             rows.append(row)
     record = {"model_mb": size, "hidden": args.hidden, "layers": args.layers, "rows": rows}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2))
-    print(f"float32 Llama, hidden {args.hidden}, {args.layers} blocks: {size:.0f} MB of tensors; "
-          "private memory growth (MB) and its ratio to the model's size")
-    print("| run | rank | after loading | x model | after sharding | x model | peak RSS |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    lines = [f"float32 Llama, hidden {args.hidden}, {args.layers} blocks: {size:.0f} MB of tensors; "
+             "private memory growth (MB) and its ratio to the model's size", "",
+             "| run | rank | after loading | x model | after sharding | x model | peak RSS |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         sharded = r.get("sharded_private_mb")
-        print(f"| {r['run']} | {r['rank']} | {r['loaded_private_mb']:.0f} | "
-              f"{r['loaded_private_mb'] / size:.2f} | "
-              f"{'-' if sharded is None else f'{sharded:.0f}'} | "
-              f"{'-' if sharded is None else f'{sharded / size:.2f}'} | {r['peak_rss_mb']:.0f} |")
-    print(f"wrote {args.output}")
+        lines.append(f"| {r['run']} | {r['rank']} | {r['loaded_private_mb']:.0f} | "
+                     f"{r['loaded_private_mb'] / size:.2f} | "
+                     f"{'-' if sharded is None else f'{sharded:.0f}'} | "
+                     f"{'-' if sharded is None else f'{sharded / size:.2f}'} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    md = write_result("fsdp_memory", record, "\n".join(lines), args.output)
+    print("\n".join(lines) + f"\nwrote {md} and its .json")
     return 0
 
 

@@ -13,8 +13,8 @@ Stages, each in its own process so that each peak is its own (GPU: torch.cuda.ma
 reference); `wmdp unlearn rmu --load prefix` (seconds per step from its metrics.jsonl); the
 question set scored by lm-eval (through `wmdp.lmeval_bridge`) and by `wmdp eval`'s
 `evaluate_model`, timed around the scoring only, with the per-item agreement of their answers.
-A stage that fails or runs out of time is a row saying so; the others still run. Writes JSON to
---output (benchmarks/results/gpu_check[_tiny].json).
+A stage that fails or runs out of time is a row saying so; the others still run. Writes
+docs/results/gpu_check[_tiny].json and .md (--output DIR elsewhere).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from docs_results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -289,7 +291,8 @@ def main() -> int:
     ap.add_argument("--questions", type=int, help="questions to score (default 1000; tiny 200)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for all stages")
     ap.add_argument("--workdir", help="where the model is written (default: a temp dir)")
-    ap.add_argument("--output", help="the JSON (default benchmarks/results/gpu_check[_tiny].json)")
+    ap.add_argument("--output", help="folder for gpu_check[_tiny].json and .md "
+                    "(default docs/results)")
     ap.add_argument("--worker", choices=["build", "prefix", "eval-lmeval", "eval-wmdp"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -312,11 +315,8 @@ def main() -> int:
     model = ("tiny Mistral" if args.tiny else "Mistral-7B config (zephyr-7b.json)") + \
         (f", {b['parameters'] / 1e6:,.1f}M parameters, random init" if "error" not in b else "")
     report = {"model": model, "mode": m, "stages": results, "agreement": agree}
-    out = Path(args.output or BENCH / "results" / f"gpu_check{'_tiny' if args.tiny else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(table(report))
-    print(f"wrote {out}")
+    md = write_result(f"gpu_check{'_tiny' if args.tiny else ''}", report, table(report), args.output)
+    print(table(report) + f"\nwrote {md} and its .json")
     return 0
 
 

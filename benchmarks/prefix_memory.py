@@ -14,8 +14,9 @@ Python, torch, transformers, the model's code and the tokenizer, everything but 
 
 The table gives the raw peaks and the peaks net of that runtime, their ratios, and what the prefix
 path must hold (computed from the model's tensors, in MB), so that a missed target shows by how
-much and why. Also checks that the two output directories hold bitwise equal tensors. JSON to
---output. Linux only (/proc/self/status; per-stage peaks need /proc/self/clear_refs).
+much and why. Also checks that the two output directories hold bitwise equal tensors. Writes
+docs/results/prefix_memory.json and .md (prefix_memory_hH_iI for another width; --output DIR
+elsewhere). Linux only (/proc/self/status; per-stage peaks need /proc/self/clear_refs).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from docs_results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizers" / "mistral-7b-v0.1"
@@ -189,29 +192,29 @@ def accounting(runs: dict, runtime: float, sizes: dict[str, float]) -> dict[str,
             "allocator_retention": runs["default"]["prefix"]["peak_mb"] - best}
 
 
-def print_tables(report: dict) -> None:
+def tables(report: dict) -> str:
     m, runs, acc = report["model"], report["runs"], report["must_hold_mb"]
-    print(f"RMU on a {m['layers']}-block Llama (hidden {m['hidden']}, {m['whole_model_mb']:.0f} MB "
-          f"of float32 tensors), layer_id {m['layer_id']}, {m['steps']} steps, CPU peak RSS (MB); "
-          f"runtime shared by both paths {report['runtime_mb']:.0f} MB")
-    print("| allocator | path | peak | load | unlearn | save | peak net of runtime |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    lines = [f"RMU on a {m['layers']}-block Llama (hidden {m['hidden']}, {m['whole_model_mb']:.0f} MB "
+             f"of float32 tensors), layer_id {m['layer_id']}, {m['steps']} steps, CPU peak RSS (MB); "
+             f"runtime shared by both paths {report['runtime_mb']:.0f} MB", "",
+             "| allocator | path | peak | load | unlearn | save | peak net of runtime |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for alloc, pair in runs.items():
         for path in ("full", "prefix"):
             r, s = pair[path], pair[path]["stage_peak_mb"]
-            print(f"| {alloc} | {path} | {r['peak_mb']:.0f} | {s.get('load', 0):.0f} | "
-                  f"{s.get('unlearn', 0):.0f} | {s.get('save', 0):.0f} | "
-                  f"{r['peak_mb'] - report['runtime_mb']:.0f} |")
+            lines.append(f"| {alloc} | {path} | {r['peak_mb']:.0f} | {s.get('load', 0):.0f} | "
+                         f"{s.get('unlearn', 0):.0f} | {s.get('save', 0):.0f} | "
+                         f"{r['peak_mb'] - report['runtime_mb']:.0f} |")
         ratio = report["ratios"][alloc]
-        print(f"| {alloc} | prefix / full | {ratio['peak']:.3f} | | | | {ratio['net']:.3f} |")
-    print("\nWhat the prefix path must hold (MB), against the full path's peak (default allocator)")
-    print("| item | MB |")
-    print("|---|---:|")
+        lines.append(f"| {alloc} | prefix / full | {ratio['peak']:.3f} | | | | {ratio['net']:.3f} |")
+    lines += ["", "What the prefix path must hold (MB), against the full path's peak (default "
+              "allocator)", "", "| item | MB |", "|---|---:|"]
     for k in ("runtime", "prefix_blocks", "trained_state", "step_and_embedding_rows",
               "must_hold", "target_0.35_of_full_peak", "missed_by", "allocator_retention"):
-        print(f"| {k.replace('_', ' ')} | {acc[k]:.0f} |")
-    print(f"| must hold / full peak | {acc['must_hold_over_full_peak']:.3f} |")
-    print(f"outputs bitwise equal: {report['outputs_bitwise_equal']}")
+        lines.append(f"| {k.replace('_', ' ')} | {acc[k]:.0f} |")
+    lines += [f"| must hold / full peak | {acc['must_hold_over_full_peak']:.3f} |", "",
+              f"outputs bitwise equal: {report['outputs_bitwise_equal']}"]
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -222,7 +225,8 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--intermediate", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "prefix_memory.json"))
+    p.add_argument("--output", default=None, help="folder for prefix_memory[_hH_iI].json and .md "
+                   "(default docs/results)")
     p.add_argument("--worker", choices=["full", "prefix", "runtime"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -256,10 +260,10 @@ def main() -> int:
               "allocators": ALLOCATORS, "runtime_mb": runtime, "runs": runs, "ratios": ratios,
               "ratio_note": "peak: raw peak RSS; net: peak RSS less the shared runtime",
               "must_hold_mb": accounting(runs, runtime, sizes), "outputs_bitwise_equal": equal}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
-    print_tables(report)
-    print(f"wrote {args.output}")
+    name = "prefix_memory" if (args.hidden, args.intermediate) == (1536, 4096) \
+        else f"prefix_memory_h{args.hidden}_i{args.intermediate}"
+    md = write_result(name, report, tables(report), args.output)
+    print(tables(report) + f"\nwrote {md} and its .json")
     return 0
 
 

@@ -7,7 +7,7 @@ The naive implementation (tests/rmu_reference.py) runs RMU as the reference code
 models, three full forwards per step (every layer and the LM head), gradients into every layer
 below `layer_id`. Each runs in its own process so peak memory is its own; time per step is the
 median after a warm-up step. Also prints the analytic FLOPs per step of both for zephyr-7b.
-Writes benchmarks/results/rmu_speed.json.
+Writes docs/results/rmu_speed[_mistral7b].json and .md (--output DIR elsewhere).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from docs_results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -149,6 +151,8 @@ def main() -> None:
     ap.add_argument("--worker", choices=["engine", "naive"])
     ap.add_argument("--model-dir")
     ap.add_argument("--out")
+    ap.add_argument("--output", default=None, help="folder for rmu_speed[_mistral7b].json and "
+                    ".md (default docs/results)")
     args = ap.parse_args()
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args)))
@@ -174,21 +178,20 @@ def main() -> None:
                "time_ratio": runs["engine"]["seconds_per_step"] / runs["naive"]["seconds_per_step"],
                "memory_ratio": runs["engine"]["peak_memory_mb"] / runs["naive"]["peak_memory_mb"],
                "zephyr_7b_flops_per_step": flops}
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = "rmu_speed_mistral7b.json" if args.mistral_7b else "rmu_speed.json"
-    (out_dir / name).write_text(json.dumps(summary, indent=2))
-    print(f"\n{shape}, layer_id {args.layer_id}, trained MLPs of layers "
-          f"{args.layer_id - 2}-{args.layer_id}, batch 4, ~{args.words} tokens/text, {args.device} {args.dtype}")
-    print(f"| impl | s/step | peak memory MB ({runs['engine']['memory_kind']}) |")
-    print("|---|---:|---:|")
+    name = "rmu_speed_mistral7b" if args.mistral_7b else "rmu_speed"
+    lines = [f"{shape}, layer_id {args.layer_id}, trained MLPs of layers "
+             f"{args.layer_id - 2}-{args.layer_id}, batch 4, ~{args.words} tokens/text, "
+             f"{args.device} {args.dtype}", "",
+             f"| impl | s/step | peak memory MB ({runs['engine']['memory_kind']}) |", "|---|---:|---:|"]
     for impl in ("naive", "engine"):
-        print(f"| {impl} | {runs[impl]['seconds_per_step']:.3f} | {runs[impl]['peak_memory_mb']:.0f} |")
-    print(f"| ratio engine / naive | {summary['time_ratio']:.2f} | {summary['memory_ratio']:.2f} |")
-    print(f"zephyr-7b analytic FLOPs per step (batch 4, 512 tokens): naive "
-          f"{flops['naive_tflop']:.1f} TFLOP, engine {flops['engine_tflop']:.1f} TFLOP "
-          f"(ratio {flops['ratio']:.2f})")
-
+        lines.append(f"| {impl} | {runs[impl]['seconds_per_step']:.3f} | "
+                     f"{runs[impl]['peak_memory_mb']:.0f} |")
+    lines += [f"| ratio engine / naive | {summary['time_ratio']:.2f} | {summary['memory_ratio']:.2f} |",
+              "", f"zephyr-7b analytic FLOPs per step (batch 4, 512 tokens): naive "
+              f"{flops['naive_tflop']:.1f} TFLOP, engine {flops['engine_tflop']:.1f} TFLOP "
+              f"(ratio {flops['ratio']:.2f})"]
+    md = write_result(name, summary, "\n".join(lines), args.output)
+    print("\n" + "\n".join(lines) + f"\nwrote {md} and its .json")
 
 if __name__ == "__main__":
     main()

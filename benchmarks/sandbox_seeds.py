@@ -9,7 +9,8 @@ evaluation (`stop_after=eval_unlearned`; the audit is `wmdp run`'s, not timed he
 run's `eval_base/results.json` and `eval_unlearned/results.json`: held-out cloze `acc` per
 domain and group, the seen and letter-format groups, and the retain corpus's word perplexity;
 prints base and RMU as mean [min, max] over seeds with the change (RMU against the base of the
-same seed, the baseline measured in the same run), and writes JSON and Markdown to --output.
+same seed, the baseline measured in the same run), and writes docs/results/sandbox_seeds.json
+and .md (--output DIR elsewhere).
 CPU training is not bit-reproducible across processors: these ranges, not one seed's figure,
 are what another machine should reproduce.
 """
@@ -23,6 +24,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from docs_results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,7 +110,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--work", default=str(ROOT / "runs" / "sandbox_seeds"),
                    help="run directories and the per-seed sandbox cache (resumable)")
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "sandbox_seeds"))
+    p.add_argument("--output", default=None, help="folder for sandbox_seeds.json and .md "
+                   "(default docs/results)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -120,12 +124,9 @@ def main() -> int:
         runs.append(run_seed(seed, work))
         print(f"seed {seed}: {runs[-1]['seconds']} s", file=sys.stderr, flush=True)
     text, summary = table(runs)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sandbox_seeds.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
-    (out / "sandbox_seeds.md").write_text(text + "\n")
+    md = write_result("sandbox_seeds", {"runs": runs, "summary": summary}, text, args.output)
     print(text)
-    print(f"\nwrote {out / 'sandbox_seeds.json'} and sandbox_seeds.md")
+    print(f"\nwrote {md} and its .json")
     return 0
 
 

@@ -10,13 +10,13 @@ groups, `wmdp unlearn rmu --preset sandbox` (360 steps), and `wmdp sandbox build
 --no-oracle` cut to 10 epochs. Each run sets OMP_NUM_THREADS (and torch.set_num_threads through
 it) or leaves both unset for torch's default, and reports wall-clock seconds and the ratio to
 the fastest setting of the same job. `--busy N` keeps N other processes spinning meanwhile (a
-shared machine, where oversubscribed threads wait on each other). Writes JSON to --output.
+shared machine, where oversubscribed threads wait on each other). Writes JSON and Markdown to
+docs/results/threads.json and .md (threads_busyN with --busy N; --output DIR elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from docs_results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "sandbox-small"
@@ -63,7 +65,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", default=f"default,1,{os.cpu_count()}")
     p.add_argument("--busy", type=int, default=0, help="other processes spinning meanwhile")
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "threads.json"))
+    p.add_argument("--output", default=None, help="folder for threads[_busyN].json and .md "
+                   "(default docs/results)")
     args = p.parse_args()
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 for _ in range(args.busy)]
@@ -83,17 +86,18 @@ def measure(args: argparse.Namespace) -> int:
             out_dir = Path(argv[argv.index("--output") + 1])
             results[name] = {c: round(run(argv, c, out_dir), 1) for c in counts}
             print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-    print(f"{os.cpu_count()} CPUs, {args.busy} other busy processes; wall-clock seconds "
-          "(ratio to the fastest for that job)")
-    print("| job | " + " | ".join(f"threads={c}" for c in counts) + " |")
-    print("|---|" + "---:|" * len(counts))
+    lines = [f"{os.cpu_count()} CPUs, {args.busy} other busy processes; wall-clock seconds "
+             "(ratio to the fastest for that job)", "",
+             "| job | " + " | ".join(f"threads={c}" for c in counts) + " |",
+             "|---|" + "---:|" * len(counts)]
     for name, row in results.items():
         best = min(row.values())
-        print(f"| {name} | " + " | ".join(f"{row[c]:.1f} ({row[c] / best:.2f}x)" for c in counts)
-              + " |")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"cpus": os.cpu_count(), "busy": args.busy,
-                                             "seconds": results}, indent=2))
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.1f} ({row[c] / best:.2f}x)"
+                                                 for c in counts) + " |")
+    name = "threads" if args.busy == 0 else f"threads_busy{args.busy}"
+    md = write_result(name, {"cpus": os.cpu_count(), "busy": args.busy, "seconds": results},
+                      "\n".join(lines), args.output)
+    print("\n".join(lines) + f"\nwrote {md} and its .json")
     return 0
 
 
