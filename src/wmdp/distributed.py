@@ -54,6 +54,13 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def is_sharded(x: Any) -> bool:
+    """Whether `x` is a DTensor: a parameter of a model FSDP sharded (`wmdp.unlearn.parallel`)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

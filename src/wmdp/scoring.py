@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from wmdp.progress import tqdm
 
-from wmdp.distributed import all_gather, rank_world
+from wmdp.distributed import all_gather, is_sharded, rank_world
 from wmdp.errors import WmdpError
 from wmdp.models import input_device, model_max_length
 
@@ -118,7 +118,7 @@ def _score_batch(model: nn.Module, batch: list[Row]) -> list[list[float]]:
              for r in batch]
     k_max = max(len(s) for s in spans)
     positions = torch.tensor([s + [s[-1]] * (k_max - len(s)) for s in spans])
-    logits = _logits_at(model, ids.to(input_device(model)), positions)  # (B, K, V)
+    logits = logits_at(model, ids.to(input_device(model)), positions)  # (B, K, V)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     # one gather for every (row, position, target token); sums per (row, read)
     rows, ks, toks, slots = [], [], [], []
@@ -140,7 +140,7 @@ def _score_batch(model: nn.Module, batch: list[Row]) -> list[list[float]]:
     return [sums[b][:len(r.reads)] for b, r in enumerate(batch)]
 
 
-def _logits_at(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def logits_at(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Logits at `positions` (B, K) only: the LM head's input is gathered before it runs.
 
     A pre-hook on the output embedding picks the wanted positions, so the head (and any
@@ -241,8 +241,6 @@ def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int | str = "au
 
 
 def _sharded(model: nn.Module) -> bool:
-    from wmdp.unlearn.parallel import is_sharded
-
     return is_sharded(next(model.parameters()))
 
 

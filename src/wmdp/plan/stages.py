@@ -6,7 +6,7 @@ A stage runs as the loop runs it (loss, zero_grad, backward, optimizer step), on
 gradients and optimizer state exist as they do from the second step on, then once tracked. The
 steps are wmdp's own: RMU's frozen-forget step (its largest: a frozen pass and a replay on forget
 text, then on retain text) through `wmdp.layers`; the baselines' losses through `wmdp.unlearn.lm`;
-evaluation's one forward with the LM head on the scored positions (`wmdp.scoring._logits_at`).
+evaluation's one forward with the LM head on the scored positions (`wmdp.scoring.logits_at`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 from wmdp.layers import capture_span, forward_to_layer, replay_span, swapped
 from wmdp.models import TrainedTensor, train_only
 from wmdp.plan.memtrack import PeakTracker, storage_bytes
-from wmdp.scoring import _logits_at
+from wmdp.scoring import logits_at
 from wmdp.unlearn.lm import mean_nll, sequence_logprob, token_kl
 from wmdp.unlearn.optim import LegacyAdamW, torch_adamw
 from wmdp.unlearn.rmu import _cosine, _mean_norm, _mse
@@ -131,7 +131,7 @@ def eval_memory(model: nn.Module, fake_mode: Any, work: Workload, positions: int
         with torch.no_grad():
             inputs = batch(work.batch_size, work.max_length)
             pos = torch.arange(work.max_length - positions, work.max_length)
-            logits = _logits_at(model, inputs["input_ids"], pos.expand(work.batch_size, -1))
+            logits = logits_at(model, inputs["input_ids"], pos.expand(work.batch_size, -1))
             return torch.log_softmax(logits.float(), dim=-1)
 
     for p in model.parameters():

@@ -27,8 +27,10 @@ from typing import Any, Iterator, TypeVar
 import torch
 from torch import nn
 
-from wmdp.distributed import rank_world
+from wmdp.distributed import is_sharded, rank_world
 from wmdp.errors import WmdpError
+from wmdp.models import decoder_layers
+from wmdp.unlearn.batches import Step
 
 # the methods whose steps are means over a batch's tokens or texts (RMU trains a few tensors of
 # one prefix and fits one GPU; SSD takes no step; the -sam and -lat variants are not ported)
@@ -91,8 +93,6 @@ class RankShare:
         return len(self.whole)
 
     def __getitem__(self, idx: int) -> Any:
-        from wmdp.unlearn.batches import Step
-
         step = self.whole[idx]
         return Step(step.idx, step.topic, share(step.forget), share(step.retain))
 
@@ -158,20 +158,12 @@ def shard_model(model: nn.Module, device: str) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from wmdp.models import decoder_layers
-
     kind = torch.device(device).type
     mesh = init_device_mesh(kind, (rank_world()[1],))
     for block in decoder_layers(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
     return model
-
-
-def is_sharded(x: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
 
 
 def local(x: torch.Tensor) -> torch.Tensor:
@@ -245,5 +237,5 @@ def load_optimizer_state(model: nn.Module, optimizer: Any, state: dict) -> None:
 
 __all__ = ["DATA_PARALLEL", "active", "training", "check_method", "share", "RankShare",
            "check_shares", "global_mean", "mean_over_ranks", "all_ranks", "shard_model",
-           "is_sharded", "local", "full", "like", "base_class", "model_state",
+           "local", "full", "like", "base_class", "model_state",
            "optimizer_state", "load_optimizer_state"]
