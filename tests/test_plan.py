@@ -174,3 +174,33 @@ def test_shipped_configs_have_the_published_sizes(name, billions):
     config, _ = resolve_config(name)
     _, model = fake_model(config, "bfloat16")
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_gpus_needed_as_wmdp_runs_each_stage():
+    """Hand-computed verdicts. FSDP: persistent / N plus the activations of ceil(B / N) of the
+    B texts, N <= B; device_map: activations whole; SSD (not data-parallel): one device."""
+    from wmdp.plan import GIB, Memory, sharding, shards_needed
+
+    m = Memory(weights=int(13.5 * GIB), gradients=int(13.5 * GIB), optimizer=int(27 * GIB),
+               copies=int(13.5 * GIB), activations=int(44.6 * GIB))  # LLMU on zephyr, batch 4
+    # 48 GiB, reserve 1: N=2: 33.75 + 22.3 = 56.05 > 47; N=3: 22.5 + 22.3 = 44.8 <= 47
+    assert shards_needed(m, 48, "FSDP", batch_size=4) == 3
+    # activations not split (device_map): 47 - 44.6 = 2.4 GiB for 67.5 / N: N = 29
+    assert shards_needed(m, 48, "device_map=auto", batch_size=4) == 29
+    # a batch of 2 cannot go over 3 processes: N=2 gives 33.75 + 22.3 > 47, so none
+    assert shards_needed(m, 48, "FSDP", batch_size=2) is None
+    assert shards_needed(m, 141, "one device") == 1 and shards_needed(m, 80, "one device") is None
+    assert [sharding(n) for n in ("eval", "rmu (prefix)", "llmu", "ssd", "relearn (full FT)")] \
+        == ["device_map=auto", "device_map=auto", "FSDP", "one device", "FSDP"]
+
+
+def test_gpu_memory_plans_for_that_card_alone(tiny, capsys):
+    from wmdp.cli import main
+
+    path, _, _ = tiny
+    assert main(["plan", str(path), "--method", "ssd", "--dtype", "float32", "--batch-size", "2",
+                 "--max-length", "32", "--gpu-memory", "40GB", "--gpus", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert all(list(s["gpus_needed"]) == ["40"] for s in plan["stages"].values())
+    ssd = plan["stages"]["ssd"]
+    assert ssd["sharding"] == "one device" and ssd["per_device"] == ssd["total"]

@@ -6,10 +6,15 @@
 
 Each stage runs on the model's fake tensors (wmdp.plan.stages), measured by `PeakTracker`:
 weights, copies of original values, gradients, optimizer state, activations and the total per
-device. Verdicts: one GPU of each common size fits the stage if the total plus `RESERVE_GIB`
-(the CUDA context and allocator slack, not in the measurement) fits; otherwise the smallest N
-whose sharding (FSDP for full fine-tuning, device_map=auto for evaluation and RMU) divides the
-persistent part by N, activations not divided (each device runs its own batch or its layers).
+device. Verdicts: one GPU of each common size (or only the size `--gpu-memory` names) fits the stage
+if the total plus `RESERVE_GIB` (the CUDA context and allocator slack, not in the measurement)
+fits; otherwise the smallest N that fits, as `wmdp` would run it:
+- full fine-tuning under torchrun (FSDP): the persistent part divided by N, and each process's
+  activations those of its share of the global batch (ceil(B / N) of B texts), with N <= B, since
+  `wmdp unlearn` and the relearning attack refuse to split a batch over more processes than texts;
+- evaluation and RMU (device_map=auto): the persistent part divided by N, activations not
+  (each device runs its layers for the whole batch);
+- a method that does not run data-parallel (SSD): one device or nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 from wmdp.errors import WmdpError
 from wmdp.plan.model import fake_model, resolve_config
 from wmdp.plan.stages import Memory, Workload, baseline_memory, eval_memory, rmu_memory
+from wmdp.unlearn.parallel import DATA_PARALLEL
 
 GPU_SIZES_GIB = (24, 40, 48, 80, 141)
 RESERVE_GIB = 1.0
@@ -96,15 +102,13 @@ def make_plan(source: str, *, method: str | None = None, dtype: str = "bfloat16"
         else:
             stages[name] = baseline_memory(model, fake_mode, work,
                                            "relearn" if name.startswith("relearn") else name)
-    sizes = list(GPU_SIZES_GIB)
-    if gpu_memory:
-        sizes = sorted({*sizes, parse_gib(gpu_memory)})
+    sizes = [parse_gib(gpu_memory)] if gpu_memory else list(GPU_SIZES_GIB)
     return {"model": source, "model_type": config.model_type, "layers": n_layers,
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": dtype,
             "batch_size": b, "max_length": work.max_length, "rmu": rmu, "gpus": gpus,
             "gpu_memory_gib": parse_gib(gpu_memory) if gpu_memory else None,
             "reserve_gib": RESERVE_GIB,
-            "stages": {n: _stage_record(n, m, sizes, gpus) for n, m in stages.items()}}
+            "stages": {n: _stage_record(n, m, sizes, gpus, b) for n, m in stages.items()}}
 
 
 def _reset(model: Any) -> None:
@@ -113,22 +117,42 @@ def _reset(model: Any) -> None:
         p.requires_grad_(False)
 
 
-def shards_needed(m: Memory, gib: float, limit: int = 64) -> int | None:
-    """Smallest N with persistent/N + activations + reserve within one GPU of `gib`."""
-    room = gib * GIB - RESERVE_GIB * GIB - m.activations
-    for n in range(1, limit + 1):
-        if room > 0 and m.persistent / n <= room:
+def sharding(name: str) -> str:
+    """How `wmdp` spreads a stage over several GPUs."""
+    if name == "eval" or name.startswith("rmu"):
+        return "device_map=auto"
+    method = name.split(" ")[0]
+    return "FSDP" if method in (*DATA_PARALLEL, "relearn") else "one device"
+
+
+def per_device_bytes(m: Memory, n: int, how: str, batch_size: int) -> float:
+    """What one of n devices holds: the persistent part split n ways; under FSDP also the
+    activations of its share of the global batch (ceil(B / n) of B texts)."""
+    if how == "FSDP":
+        return m.persistent / n + m.activations * -(-batch_size // n) / batch_size
+    return m.persistent / n + m.activations
+
+
+def shards_needed(m: Memory, gib: float, how: str = "device_map=auto", batch_size: int = 1,
+                  limit: int = 64) -> int | None:
+    """Smallest N whose per-device share plus the reserve fits one GPU of `gib` (None: no N
+    does: FSDP splits a batch of B over at most B processes, one device runs SSD)."""
+    top = 1 if how == "one device" else min(limit, batch_size) if how == "FSDP" else limit
+    room = (gib - RESERVE_GIB) * GIB
+    for n in range(1, top + 1):
+        if per_device_bytes(m, n, how, batch_size) <= room:
             return n
     return None
 
 
-def _stage_record(name: str, m: Memory, sizes: list[float], gpus: int) -> dict[str, Any]:
-    how = "FSDP" if name not in ("eval",) and not name.startswith("rmu") else "device_map=auto"
-    per_device = m.persistent / gpus + m.activations
+def _stage_record(name: str, m: Memory, sizes: list[float], gpus: int,
+                  batch_size: int) -> dict[str, Any]:
+    how = sharding(name)
+    n = 1 if how == "one device" else gpus
     return {"weights": m.weights, "copies": m.copies, "gradients": m.gradients,
             "optimizer": m.optimizer, "activations": m.activations, "total": m.total,
-            "per_device": int(per_device), "sharding": how,
-            "gpus_needed": {f"{s:g}": shards_needed(m, s) for s in sizes}}
+            "per_device": int(per_device_bytes(m, n, how, batch_size)), "sharding": how,
+            "gpus_needed": {f"{s:g}": shards_needed(m, s, how, batch_size) for s in sizes}}
 
 
 def _gib(x: float) -> str:
