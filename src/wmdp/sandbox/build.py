@@ -26,11 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from wmdp.config import apply_overrides, from_dict, load_yaml, to_dict
+from wmdp.data.corpus import load_corpus
+from wmdp.data.mcq import load_mcq_file
 from wmdp.errors import WmdpError
 from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_file, sha256_json,
                      write_json)
 from wmdp.sandbox.data import TRAIN_QA, training_texts, write_data
+from wmdp.sandbox.evaluation import accuracy, final_eval
 from wmdp.sandbox.oracle import describe_oracle, with_oracle
 from wmdp.sandbox.train import CHECKPOINT, ModelConfig, TrainConfig, Trainer, train_tokenizer
 from wmdp.sandbox.world import DOMAINS, WorldConfig, make_world
@@ -141,8 +146,6 @@ def fingerprint(config: SandboxConfig) -> str:
 def build_sandbox(output: str | Path, config: SandboxConfig | None = None,
                   overwrite: bool = False, progress: bool = True) -> dict:
     """Build (or finish building) a sandbox in `output`; returns its manifest."""
-    import torch
-
     config = config or sandbox_config()
     t0 = time.perf_counter()
     fp = fingerprint(config)
@@ -168,8 +171,6 @@ def build_sandbox(output: str | Path, config: SandboxConfig | None = None,
 
 
 def _build(out: Path, config: SandboxConfig, progress: bool) -> dict:
-    import torch
-
     data_dir, model_dir, train_dir = out / "data", out / "model", out / "train"
     world = make_world(config.world, config.seed)
     data_files = write_data(world, data_dir)  # deterministic: a resume rewrites the same bytes
@@ -181,15 +182,14 @@ def _build(out: Path, config: SandboxConfig, progress: bool) -> dict:
 
     trainer.model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
-    results = _final_eval(model_dir, data_dir, out / "eval")
+    results = final_eval(model_dir, data_dir, out / "eval")
     manifest = {
         "seed": config.seed, "preset": config.preset, "fingerprint": fingerprint(config),
         "counts": _counts(world, data_dir, texts, tokenizer, trainer),
         "files": {name: sha256_file(data_dir / name) for name in sorted(data_files)},
         "model": {"parameters": sum(p.numel() for p in trainer.model.parameters()),
                   "files": {p.name: sha256_file(p) for p in sorted(model_dir.iterdir())}},
-        "accuracy": {name: {k: r[k] for k in ("acc", "acc_norm", "n") if k in r}
-                     for part in ("groups", "results") for name, r in results[part].items()},
+        "accuracy": accuracy(results),
         "final_loss": log[-1]["loss"],
         "build": {"train_seconds": round(sum(r["seconds"] for r in log), 1),
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -209,25 +209,7 @@ def _tokenizer(texts: list[str], vocab_size: int, saved: Path) -> Any:
     return tokenizer
 
 
-def _final_eval(model_dir: Path, data_dir: Path, eval_dir: Path) -> dict:
-    """Every sandbox task, cloze and letter, on the saved model loaded the way users load it."""
-    from wmdp.evaluate import EvalConfig, evaluate_model
-    from wmdp.models import load_model
-    from wmdp.tasks import Registry
-
-    model, tokenizer = load_model(model_dir, dtype="float32", device="cpu")
-    shutil.rmtree(eval_dir, ignore_errors=True)
-    config = EvalConfig(model=str(model_dir), data_dir=str(data_dir), dtype="float32",
-                        device="cpu", batch_size=64)
-    return evaluate_model(model, tokenizer, ["sandbox", "sandbox_letter"],
-                          Registry.build(data_dir), config=config, output=eval_dir,
-                          progress=False)
-
-
 def _counts(world, data_dir: Path, texts: list[str], tokenizer: Any, trainer: Trainer) -> dict:
-    from wmdp.data.corpus import load_corpus
-    from wmdp.data.mcq import load_mcq_file
-
     corpora = {p.name: len(load_corpus(p).texts)
                for p in sorted(data_dir.glob("*.jsonl")) if not p.name.startswith("sandbox_")}
     return {"facts": len(world.facts), "seen_facts": sum(f.seen for f in world.facts),

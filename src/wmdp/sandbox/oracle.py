@@ -27,8 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from wmdp.io import sha256_file, write_json
 from wmdp.sandbox.data import oracle_texts, training_texts
+from wmdp.sandbox.evaluation import accuracy, final_eval
 from wmdp.sandbox.train import CHECKPOINT, Trainer
 from wmdp.sandbox.world import make_world
 
@@ -43,8 +46,6 @@ def oracle_model_dir(build_dir: str | Path) -> Path:
 def with_oracle(out: Path, config: Any, manifest: dict, progress: bool = True) -> dict:
     """`manifest`, after building the oracle into `out` when the config asks for one and the
     build has none yet; the manifest file is rewritten with its "oracle" entry."""
-    import torch
-
     if not config.oracle or ("oracle" in manifest
                              and (oracle_model_dir(out) / "model.safetensors").is_file()):
         return manifest
@@ -63,8 +64,6 @@ def build_oracle(out: Path, config: Any, manifest: dict, progress: bool = True) 
     """Train, save and evaluate the oracle of the finished build in `out`; its manifest entry."""
     from transformers import PreTrainedTokenizerFast
 
-    from wmdp.sandbox.build import _final_eval
-
     t0 = time.perf_counter()
     data_dir, root, model_dir = out / "data", out / ORACLE, oracle_model_dir(out)
     resumed = (root / "train" / CHECKPOINT).is_file()
@@ -77,11 +76,10 @@ def build_oracle(out: Path, config: Any, manifest: dict, progress: bool = True) 
     log = trainer.train()
     trainer.model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
-    results = _final_eval(model_dir, data_dir, root / "eval")
+    results = final_eval(model_dir, data_dir, root / "eval")
     return {
         "model_dir": f"{ORACLE}/model",
-        "accuracy": {name: {k: r[k] for k in ("acc", "acc_norm", "n") if k in r}
-                     for part in ("groups", "results") for name, r in results[part].items()},
+        "accuracy": accuracy(results),
         "steps": trainer.total_steps, "model_steps": manifest["counts"]["steps"],
         "training_texts": len(texts), "left_out": left_out,
         # how often it saw each of its texts, against the model's one pass per epoch
