@@ -1,36 +1,31 @@
-"""Every unlearning method by name: (class, hyperparameter config class, presets, summary).
+"""Every unlearning method by name: (class, hyperparameter config class, presets, summary), and
+`resolve`, a run's method, hyperparameters and config from a name.
 
-A method module states only its loss; adding one here gives it `wmdp unlearn NAME`, its flags
-(from the config dataclass's fields), YAML sections and presets.
+The methods that unlearn a model directly are listed in methods.py; UNDO, which distils from a
+teacher one of them made, is added here, above them.
 """
 
 from __future__ import annotations
 
-from wmdp.unlearn import ga, graddiff, llmu, npo, rmu_lat, sam, scrub, ssd, undo
-from wmdp.unlearn.rmu import PRESETS as RMU_PRESETS
-from wmdp.unlearn.rmu import RMU, RMUConfig
+from typing import Any
 
-METHODS: dict[str, tuple[type, type, dict[str, dict], str]] = {
-    "rmu": (RMU, RMUConfig, RMU_PRESETS,
-            "Representation Misdirection for Unlearning (the WMDP paper's method)"),
-    "ga": (ga.GradientAscent, ga.GAConfig, ga.PRESETS,
-           "gradient ascent on the forget corpus"),
-    "graddiff": (graddiff.GradDiff, graddiff.GradDiffConfig, graddiff.PRESETS,
-                 "gradient ascent on forget plus descent on retain"),
-    "npo": (npo.NPO, npo.NPOConfig, npo.PRESETS,
-            "Negative Preference Optimization (Zhang et al. 2024), optional retain term"),
-    "llmu": (llmu.LLMU, llmu.LLMUConfig, llmu.PRESETS,
-             "LLMU (Yao et al. 2023): ascent, random completions, KL to the original"),
-    "scrub": (scrub.SCRUB, scrub.SCRUBConfig, scrub.PRESETS,
-              "SCRUB (Kurmanji et al. 2023): teacher-student max/min steps"),
-    "ssd": (ssd.SSD, ssd.SSDConfig, ssd.PRESETS,
-            "Selective Synaptic Dampening (Foster et al. 2024): no training"),
-    "rmu-lat": (rmu_lat.RMULAT, rmu_lat.RMULATConfig, rmu_lat.RMU_LAT_PRESETS,
-                "RMU with latent adversarial training (Sheshadri et al. 2024)"),
-    "npo-sam": (sam.NPOSAM, sam.NPOSAMConfig, sam.NPO_SAM_PRESETS,
-                "NPO at sharpness-aware weights (Fan et al. 2025)"),
-    "rmu-sam": (sam.RMUSAM, sam.RMUSAMConfig, sam.RMU_SAM_PRESETS,
-                "RMU's forget loss at sharpness-aware weights (after Fan et al. 2025)"),
+from wmdp.unlearn import undo
+from wmdp.unlearn.loop import UnlearnConfig
+from wmdp.unlearn.methods import DIRECT_METHODS, Methods, configure
+
+METHODS: Methods = {
+    **DIRECT_METHODS,
     "undo": (undo.UNDO, undo.UNDOConfig, undo.UNDO_PRESETS,
              "UNDO (Lee et al. 2025): noise an unlearned model, distill it back"),
 }
+
+
+def resolve(method: str, *, preset: str | None = None, config_file: str | None = None,
+            settings: dict[str, Any] | None = None,
+            overrides: list[str] | None = None) -> tuple[Any, Any, UnlearnConfig]:
+    """Preset, then config file, then `settings` (flags; None = unset), then `key=value`."""
+    return configure(METHODS, method, preset=preset, config_file=config_file,
+                     settings=settings, overrides=overrides)
+
+
+__all__ = ["METHODS", "resolve"]

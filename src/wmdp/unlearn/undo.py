@@ -45,9 +45,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from wmdp.data.corpus import load_corpus
+from wmdp.distributed import rank_world
 from wmdp.errors import WmdpError
+from wmdp.perplexity import prefix_token_id
 from wmdp.unlearn.batches import Step, TopicBatches, chunk, left_padded
 from wmdp.unlearn.lm import LMMethod, check_positive, check_settings, presets, token_kl
+from wmdp.unlearn.loop import FINAL_RECORD, run_unlearning
+from wmdp.unlearn.methods import DIRECT_METHODS, configure
 from wmdp.unlearn.parallel import like, share
 
 
@@ -78,12 +83,10 @@ class UNDOConfig:
         check_positive(self, "undo", "beta", zero=True)
         if not 0 <= self.alpha <= 1:
             raise WmdpError(f"undo: alpha is {self.alpha!r}, expected 0 <= alpha <= 1")
-        from wmdp.unlearn.registry import METHODS
-
-        if self.teacher_method not in METHODS or self.teacher_method == "undo":
+        if self.teacher_method not in DIRECT_METHODS:
             raise WmdpError(f"undo: teacher_method {self.teacher_method!r} is not an unlearning "
-                            f"method (known: {', '.join(m for m in METHODS if m != 'undo')})")
-        presets = METHODS[self.teacher_method][2]
+                            f"method (known: {', '.join(DIRECT_METHODS)})")
+        presets = DIRECT_METHODS[self.teacher_method][2]
         if self.teacher_preset is not None and self.teacher_preset not in presets:
             raise WmdpError(f"undo: teacher_preset {self.teacher_preset!r} is not a "
                             f"{self.teacher_method} preset (known: {', '.join(presets)})")
@@ -95,8 +98,6 @@ TEACHER_DIR = "teacher"
 def check_teacher_world(c: UNDOConfig) -> None:
     """Under torchrun UNDO needs a given teacher: its own teacher run (an RMU-family method)
     is one-process, and would fail naming a method the user never asked for."""
-    from wmdp.distributed import rank_world
-
     world = rank_world()[1]
     if world > 1 and not c.teacher:
         raise WmdpError(f"undo with {world} processes needs --teacher DIR: its teacher run "
@@ -107,9 +108,6 @@ def check_teacher_world(c: UNDOConfig) -> None:
 def make_teacher(c: UNDOConfig, config: Any, out: Path, progress: bool = True) -> dict:
     """The teacher's record: `c.teacher` as given, else `c.teacher_method` run on the UNDO run's
     model and corpora into out/teacher (a finished one is kept, an interrupted one resumes)."""
-    from wmdp.unlearn import resolve, run_unlearning
-    from wmdp.unlearn.loop import FINAL_RECORD
-
     if c.teacher:
         return {"dir": c.teacher, "given": True}
     check_teacher_world(c)
@@ -118,8 +116,9 @@ def make_teacher(c: UNDOConfig, config: Any, out: Path, progress: bool = True) -
               "forget_corpora", "retain_corpora", "min_len", "checkpoint_every", "load")
     settings = {k: getattr(config, k) for k in shared}
     settings["output"] = str(out / TEACHER_DIR)
-    method, hparams, teacher_config = resolve(c.teacher_method, preset=c.teacher_preset,
-                                              settings=settings, overrides=c.teacher_overrides)
+    method, hparams, teacher_config = configure(DIRECT_METHODS, c.teacher_method,
+                                                preset=c.teacher_preset, settings=settings,
+                                                overrides=c.teacher_overrides)
     done = (out / TEACHER_DIR / FINAL_RECORD).is_file()
     t0 = time.perf_counter()
     path = run_unlearning(method, hparams, teacher_config, progress=progress)
@@ -189,8 +188,6 @@ class UNDO(LMMethod):
     def distill_texts(self, schedule: TopicBatches, seed: int) -> list[str]:
         """Every retain text and every `distill_corpora` text, once each, in a seeded order (so
         a batch mixes the kinds of text)."""
-        from wmdp.data.corpus import load_corpus
-
         texts = [t for corpus in schedule.retain for b in corpus for t in b]
         for spec in self.config.distill_corpora:
             texts += load_corpus(spec).texts
@@ -205,8 +202,6 @@ class UNDO(LMMethod):
         reads a text after BOS (lm-eval's rolling prefix), MCQ prompts without it, and the
         student must match its teacher both ways. A model trained on texts alone never saw BOS
         as context, so whatever follows it is left to the noised weights unless distilled."""
-        from wmdp.perplexity import prefix_token_id
-
         if not self.config.bos_prefix:
             return self.tokenize(share(texts))
         rows = share([(t, (i + n_pass) % 2 == 0) for i, t in enumerate(texts)])
