@@ -28,7 +28,7 @@ PACKAGE = "wmdp"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "io", "config", "progress", "distributed", "stats",
                     "optimizer_settings"]),
-    ("models", ["model_spec", "models", "prefix", "layers"]),
+    ("models", ["checkpoint", "model_spec", "models", "prefix", "layers"]),
     ("data", ["data", "tasks"]),
     ("measure", ["scoring", "perplexity", "evaluate", "lmeval_bridge", "chat"]),
     ("unlearn", ["unlearn"]),
@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("audit", ["audit"]),
     ("plan", ["plan"]),
     ("report", ["robustness", "report_render", "report_plots", "report", "compare"]),
-    ("pipeline", ["pipeline", "sweep"]),
+    ("pipeline", ["preflight", "pipeline", "sweep"]),
     ("cli", ["cli_errors", "cli", "__main__", ""]),  # "": the package's own __init__ (its API)
 ]
 
