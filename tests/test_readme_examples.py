@@ -1,16 +1,21 @@
-"""README.md's example commands, run as written and in order, after a stand-in for `./run.sh`.
+"""README.md's example commands, run as written and in order, in a fresh shell after a stand-in
+for `./run.sh`.
 
 The blocks run are the fenced ```bash blocks that follow a marker comment in README.md:
 
+    <!-- example: activate -->     source .venv/bin/activate (puts `wmdp` on PATH)
     <!-- example: sandbox -->      wmdp sandbox path, then wmdp eval on the sandbox
     <!-- example: baselines -->    wmdp unlearn npo, its evaluation, wmdp compare
     <!-- example: audit -->        wmdp audit of the main run's unlearned model
 
 They run in one bash script (`set -e`, each command echoed), in a temporary working directory
-whose sandbox cache ($XDG_CACHE_HOME) holds the small fixture under the name the default
-sandbox has: the small world stands in for the default one (whose build takes 4 minutes), so
-every command runs unchanged. The stand-in for `./run.sh` is `wmdp run --set audit=null`
-(the README's main job without its 2-minute audit, which the audit example runs instead).
+that stands in for the clone: its `.venv` is this interpreter's environment, and PATH holds
+no directory with a `wmdp` in it and no VIRTUAL_ENV, so `wmdp` is found only once the activate
+block has run, as in a new user's shell. The sandbox cache ($XDG_CACHE_HOME) holds the small fixture
+under the name the default sandbox has: the small world stands in for the default one (whose
+build takes 4 minutes), so every command runs unchanged. The stand-in for `./run.sh` is
+`.venv/bin/wmdp run --set audit=null` (the README's main job without its 2-minute audit, which
+the audit example runs instead).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "sandbox-small"
 README = ROOT / "README.md"
 MARKED = re.compile(r"<!-- example: ([\w-]+) -->\s*\n```(?:bash|sh)\n(.*?)```", re.S)
-EXPECTED = ["sandbox", "baselines", "audit"]  # the markers README.md must hold, in this order
+EXPECTED = ["activate", "sandbox", "baselines", "audit"]  # README.md's markers, in order
 
 
 def readme_examples() -> list[tuple[str, str]]:
@@ -60,18 +65,25 @@ def bash(script: str, cwd: Path, env: dict, timeout: int = 300) -> subprocess.Co
 def test_readme_examples_run_as_written(tmp_path, monkeypatch):
     blocks = readme_examples()
     missing = [name for name in EXPECTED if name not in [n for n, _ in blocks]]
-    if missing:
-        pytest.skip("README.md has no marked example block for "
-                    + ", ".join(f"<!-- example: {n} -->" for n in missing) + " yet")
+    assert not missing, ("README.md has no marked example block for "
+                         + ", ".join(f"<!-- example: {n} -->" for n in missing))
     assert [n for n, _ in blocks if n in EXPECTED] == EXPECTED, "marked blocks out of order"
     cache = tmp_path / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     sandbox = stand_in_sandbox(cache)
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    assert (Path(sys.prefix) / "bin" / "activate").is_file(), \
+        f"the README examples need the suite to run in a virtualenv: {sys.prefix}"
+    # a new user's shell: no directory that holds a `wmdp` (this venv's bin among them)
+    path = [d for d in os.environ["PATH"].split(os.pathsep)
+            if d and not (Path(d) / "wmdp").exists()]
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update({"XDG_CACHE_HOME": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                "PATH": os.pathsep.join(path)})
     work = tmp_path / "clone"
     work.mkdir()
-    main_job = bash("wmdp run --set audit=null", work, env)
+    (work / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    assert bash("command -v wmdp", work, env).returncode != 0  # not found until activated
+    main_job = bash(".venv/bin/wmdp run --set audit=null", work, env)
     assert main_job.returncode == 0, main_job.stderr[-3000:]
     done = bash("\n".join(code for _, code in blocks), work, env)
     assert done.returncode == 0, f"a README example failed:\n{done.stderr[-3000:]}"
