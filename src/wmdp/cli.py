@@ -8,21 +8,83 @@ Every user error prints one line, `wmdp: <what and where>`, and exits with code 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from wmdp.cli_errors import OneLineParser, nonnegative_fraction, undecodable_file
+from wmdp.cli_errors import OneLineParser, failing_file, nonnegative_fraction
 from wmdp.errors import WmdpError
 
 
-def _check_config_apart(output: str | None, config_file: str | None) -> None:
-    """A config file is an input too: an output there could delete it (--overwrite)."""
+# keys whose values a command writes, not reads: the output, the judge cache (an output,
+# checked on its own), the sandbox cache (shared; the sandbox built in it is an input)
+OUTPUT_KEYS = ("output", "cache", "cache_dir")
+
+
+def command_inputs(*configs: tuple[str, Any, bool]) -> list[tuple[str, str]]:
+    """Every local path a command may read, however it is spelled: a path, a corpus spec
+    (`raw:PATH`), a perplexity task (`ppl:PATH`), a task file, an `hf:DIR` judge, at any depth
+    of its settings. `configs`: (key prefix, settings or a dataclass, whether its top-level
+    keys are flags). Returns (the flag or key that names it, the path); a command keeps its
+    outputs apart from all of them (`refuse_overlap`)."""
+    from wmdp.config import to_dict
+
+    found: list[tuple[str, str]] = []
+
+    def walk(value: Any, key: str, flagged: bool) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if str(k) not in OUTPUT_KEYS:
+                    walk(v, f"{key}.{k}" if key else str(k), flagged)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, key, flagged)
+        elif isinstance(value, (str, Path)) and str(value):
+            label = _input_label(key, flagged)
+            found.extend((label, path) for path in _spec_paths(str(value), key))
+
+    for prefix, config, flagged in configs:
+        walk(to_dict(config), prefix, flagged)
+    return found
+
+
+def _spec_paths(value: str, key: str) -> list[str]:
+    """The local paths a setting's value may name (a value that names none is harmless: only
+    paths that exist are compared)."""
+    from wmdp.data.corpus import corpus_file
+    from wmdp.tasks import PPL_PREFIX
+
+    paths = [value]
+    corpus = corpus_file(value.removeprefix(PPL_PREFIX))
+    if corpus is not None:
+        paths.append(str(corpus))
+    if key.rpartition(".")[2] == "judge" and value.startswith("hf:"):
+        paths.append(value[len("hf:"):])
+    return paths
+
+
+def _input_label(key: str, flagged: bool) -> str:
+    parts = key.split(".")
+    if flagged and parts[0] == "task_files" and len(parts) == 2:
+        return f"--task {parts[1]}"
+    if flagged and parts[0] == "judge":
+        return "--judge"
+    if flagged and len(parts) == 1:
+        return "--" + key.replace("_", "-")
+    return key
+
+
+def refuse_overlap(output: str | Path | None, inputs: list[tuple[str, str]],
+                   config_file: str | None = None, kind: str = "output directory") -> None:
+    """The one check of every command, before anything is written: its output neither is,
+    holds nor lies inside any input (through links and `..`), so `--overwrite` never deletes
+    what the command reads, and a file it appends to is never one it reads."""
     from wmdp.io import check_apart
 
-    if output and config_file:
-        check_apart(output, {"the config file": config_file})
+    if output:
+        check_apart(output, [("the config file", config_file), *inputs], kind=kind)
 
 
 def _csv(value: str) -> list[str]:
@@ -92,6 +154,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                         task_files=dict(args.task_files), data_revision=args.data_revision,
                         trust_remote_code=args.trust_remote_code)
     config.validate()  # bad numbers fail before torch.distributed or any file is touched
+    refuse_overlap(args.output, command_inputs(("", config, True), ("tasks", tasks, True)))
     init_from_env()  # under torchrun: data-parallel, rank 0 writes
     results = run_eval(config, tasks, args.output, overwrite=args.overwrite)
     if not is_main():
@@ -132,7 +195,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     if config.checkpoint_every < 0:
         raise WmdpError(f"--checkpoint-every is {config.checkpoint_every}, expected 0 (never) "
                         "or a number of steps")
-    _check_config_apart(config.output, args.config)
+    refuse_overlap(config.output, command_inputs(("", config, True), ("", hparams, True)),
+                   args.config)
     from wmdp.unlearn.loop import FINAL_RECORD
 
     from wmdp.distributed import init_from_env, is_main
@@ -209,6 +273,9 @@ def _cmd_chat_eval(args: argparse.Namespace) -> int:
                             system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, seed=args.seed,
                             temperature=args.temperature, judge=judge)
+    inputs = command_inputs(("", config, True))
+    refuse_overlap(args.output, inputs)
+    refuse_overlap(args.judge_cache, inputs, kind="judge cache")  # appended to: an output
     results = run_chat_eval(config, args.output, overwrite=args.overwrite)
     if "categories" in results:
         print(format_chat_table(results))
@@ -252,7 +319,7 @@ def _sandbox_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_sandbox_build(args: argparse.Namespace) -> int:
     from wmdp.sandbox.build import build_sandbox, describe, sandbox_config
 
-    _check_config_apart(args.output, args.config)
+    refuse_overlap(args.output, [], args.config)
     config = sandbox_config(args.preset, args.seed, args.config,
                             args.overrides + ["oracle=false"] * args.no_oracle)
     manifest = build_sandbox(args.output, config, overwrite=args.overwrite)
@@ -272,12 +339,12 @@ def _cmd_sandbox_general_qa(args: argparse.Namespace) -> int:
     from wmdp.io import write_jsonl
     from wmdp.sandbox.data import general_qa_texts
 
-    root, out = Path(args.sandbox).resolve(), Path(args.output).resolve()
+    root, out = Path(args.sandbox).resolve(), Path(args.output)
     if not (root / "data" / "manifest.json").is_file():
         raise WmdpError(f"{args.sandbox}: not a built sandbox (no data/manifest.json)")
-    if out == root or root in out.parents:
-        raise WmdpError(f"--output {args.output}: inside the sandbox {args.sandbox}, an input; "
-                        "write it elsewhere")
+    refuse_overlap(args.output, [("the sandbox", args.sandbox)], kind="output")
+    if out.is_dir():
+        raise WmdpError(f"--output {args.output} is a directory; name the .jsonl file to write")
     if out.exists() and not args.overwrite:
         raise WmdpError(f"--output {args.output} exists (use --overwrite to replace it)")
     texts = general_qa_texts(root / "data")
@@ -299,11 +366,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from wmdp.pipeline import load_run_config, main_table, run_pipeline
 
     config = load_run_config(args.config, args.overrides)
-    _check_config_apart(config.output, args.config)
+    refuse_overlap(config.output, _run_inputs(config), args.config)
     run_dir = run_pipeline(config, overwrite=args.overwrite)
     print(main_table(run_dir))
     print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}")
     return 0
+
+
+def _run_inputs(config: Any) -> list[tuple[str, str]]:
+    """A run config's inputs: every key's, and the sandbox it is built on."""
+    from wmdp.pipeline import sandbox_location
+
+    sandbox = [("sandbox", str(sandbox_location(config.sandbox)[1]))] if config.sandbox else []
+    return command_inputs(("", config, False)) + sandbox
 
 
 def _sweep_parser(sub: argparse._SubParsersAction) -> None:
@@ -328,8 +403,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from wmdp.pipeline import load_run_config
     from wmdp.sweep import parse_grid, run_sweep, sweep_table
 
-    _check_config_apart(args.output, args.config)
     config = load_run_config(args.config, args.overrides)
+    refuse_overlap(args.output, _run_inputs(config), args.config)
     sandbox = config.sandbox is not None
     summary = run_sweep(config, parse_grid(args.grid), args.output,
                         forget_metric=args.forget_metric or ("sandbox_forget" if sandbox else "wmdp"),
@@ -364,6 +439,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from wmdp.compare import run_compare
 
+    refuse_overlap(args.output, [(f"run {r}", r) for r in args.runs])
     table = run_compare(args.runs, output=args.output, forget=args.forget, tasks=args.tasks,
                         metric=args.metric, overwrite=args.overwrite)
     print(table["markdown"])
@@ -418,7 +494,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         "device": None if args.device == "auto" else args.device,
         "trust_remote_code": args.trust_remote_code or None}
     config = audit_config(args.preset, args.config, settings, args.overrides)
-    _check_config_apart(config.output, args.config)
+    refuse_overlap(config.output, command_inputs(("", config, True)), args.config)
     from wmdp.distributed import init_from_env, is_main
 
     init_from_env()  # under torchrun: relearning data-parallel (FSDP), rank 0 writes
@@ -477,19 +553,35 @@ def default_threads(environ: dict = os.environ, cpus: int | None = None) -> None
         environ["OMP_NUM_THREADS"] = "1"
 
 
+# what main reports as one line: an input error, after which the output is left as found
+INPUT_ERRORS = (WmdpError, UnicodeDecodeError, RecursionError, csv.Error, OSError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from wmdp.io import release_output_locks
+    from wmdp.io import outputs_removed_on_error, release_output_locks
 
     default_threads()
     args = build_parser().parse_args(argv)  # a bad flag: one line, SystemExit(2)
     try:
-        return int(args.func(args) or 0)
+        with outputs_removed_on_error(INPUT_ERRORS):  # the output as it was found
+            return int(args.func(args) or 0)
     except WmdpError as e:
         print(f"wmdp: {e}", file=sys.stderr)
         return 2
     except UnicodeDecodeError as e:  # a reader that does not check its encoding itself
-        print(f"wmdp: {undecodable_file(e)}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+        print(f"wmdp: {failing_file(e)}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
               "save the file as UTF-8", file=sys.stderr)
+        return 2
+    except RecursionError as e:  # json.loads on deeply nested data, in a reader that let it out
+        print(f"wmdp: {failing_file(e)}: nested too deeply to read (over Python's recursion "
+              "limit)", file=sys.stderr)
+        return 2
+    except csv.Error as e:  # a field over the csv module's size limit, a NUL byte
+        print(f"wmdp: {failing_file(e)}: not readable as CSV ({e})", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only file system, a file gone
+        where = e.filename or "a file it reads or writes"
+        print(f"wmdp: {where}: {(e.strerror or str(e)).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wmdp: interrupted; rerun the same command to resume", file=sys.stderr)

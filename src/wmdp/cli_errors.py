@@ -46,9 +46,10 @@ def nonnegative_fraction(value: str) -> float:
     return x
 
 
-def undecodable_file(exc: BaseException) -> str:
-    """The file a UnicodeDecodeError came from: the innermost failing frame that holds a path
-    or an open text file (a reader that did not name it itself)."""
+def failing_file(exc: BaseException) -> str:
+    """The file an error from a reader that does not name it came from (a UnicodeDecodeError,
+    json's RecursionError on deep nesting, csv's field-size limit): the innermost failing frame
+    that holds a path or an open text file."""
     frames = []
     tb = exc.__traceback__
     while tb is not None:
