@@ -35,7 +35,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("sandbox", ["sandbox"]),
     ("audit", ["audit"]),
     ("plan", ["plan"]),
-    ("report", ["robustness", "report_render", "report_plots", "report", "compare"]),
+    ("report", ["robustness", "report_render", "report_tasks", "report_plots", "report",
+                "compare"]),
     ("pipeline", ["preflight", "pipeline", "sweep"]),
     ("cli", ["cli_errors", "cli", "__main__", ""]),  # "": the package's own __init__ (its API)
 ]

@@ -18,11 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from wmdp.compare import Row, columns, leaves
 from wmdp.io import atomic_write_text, read_json
+from wmdp.report_plots import accuracy_charts, relearning_curves, training_curves
 from wmdp.report_render import Doc, Flagged
-from wmdp.report_plots import (accuracy_charts, metrics as _metrics, relearning_curves,
-                               training_curves)
+from wmdp.report_tasks import Tasks
+from wmdp.report_tasks import metrics as _metrics
 from wmdp.robustness import (PROTOCOL_HEADER, pct, protocol_rows, protocol_summary,
                              share_text, shares, worst_case)
 
@@ -60,10 +60,6 @@ def _load(path: Path) -> Any:
     return read_json(path) if path.is_file() else None
 
 
-def _names(results: dict) -> list[str]:
-    return list(results.get("groups", {})) + list(results.get("results", {}))
-
-
 def model_name(run_dir: Path, model: str) -> str:
     """What the model is: the sandbox's preset and seed, a hub id, or a local directory's last
     two parts; never the sandbox cache's hashed directory name."""
@@ -76,28 +72,6 @@ def model_name(run_dir: Path, model: str) -> str:
             return f"the sandbox model ({cfg['preset']} preset, seed {cfg['seed']})"
     p = Path(model)
     return "/".join(p.parts[-2:]) if p.is_absolute() else model
-
-
-class Tasks:
-    """The tasks both results files hold: MCQ and perplexity, their groups and sides."""
-
-    def __init__(self, base: dict | None, unl: dict | None, forget: list[str]) -> None:
-        a, b = base or unl or {}, unl or base or {}
-        names = [n for n in _names(a) if n in _names(b)]
-        self.mcq = [n for n in names if "acc" in _metrics(a, n)]
-        self.ppl = [n for n in names if "word_perplexity" in _metrics(a, n)]
-        self.groups = {g: list(e.get("members", [])) for g, e in a.get("groups", {}).items()}
-        self.formats = {t: e.get("format") for t, e in a.get("results", {}).items()}
-        forget_set = set(forget)
-        # general: neither the task nor anything inside it is a forget task
-        self.general = {n for n in self.mcq if n not in forget_set
-                        and not forget_set & set(leaves(n, self.groups))}
-        rows = [Row(label, label, "", {"groups": {}, **r}, "") for label, r in
-                (("base", base), ("unlearned", unl)) if r]
-        self.cols = columns(rows, tuple(forget)) if rows else {}
-
-    def fmt(self, name: str) -> frozenset:
-        return frozenset(self.formats.get(t) for t in leaves(name, self.groups))
 
 
 def write_report(run_dir: Path, forget: list[str] | None = None, near: list[str] | None = None,

@@ -14,20 +14,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from wmdp.report import Tasks
+from wmdp.report_tasks import Tasks, metrics
+from wmdp.robustness import ROLES, protocol_curves
 
 CHANCE = 25.0  # percent, four choices
 COLOURS = {"base": "#8c8c8c", "unlearned": "#c8312b", "forget": "#9b1c1c"}
-
-
-def metrics(results: dict | None, name: str) -> dict:
-    """The metrics of a task or group in a results.json ({} when absent)."""
-    if not results:
-        return {}
-    return results.get("results", {}).get(name) or results.get("groups", {}).get(name) or {}
 
 
 def _pyplot() -> Any:
@@ -134,8 +127,6 @@ def relearning_curves(result: dict, path: Path, method: str = "unlearned") -> Pa
     the grid at each step (the worst case), dotted the mean over the grid; step 0 plain."""
     from matplotlib.lines import Line2D
 
-    from wmdp.robustness import ROLES, protocol_curves
-
     curves = protocol_curves(result)
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves) + 0.6, 3.4),
@@ -162,4 +153,4 @@ def relearning_curves(result: dict, path: Path, method: str = "unlearned") -> Pa
     return path
 
 
-__all__ = ["accuracy_charts", "training_curves", "relearning_curves", "metrics"]
+__all__ = ["accuracy_charts", "training_curves", "relearning_curves"]
