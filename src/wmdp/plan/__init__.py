@@ -24,9 +24,11 @@ import re
 from typing import Any
 
 from wmdp.errors import WmdpError
+from wmdp.models import decoder_layers
 from wmdp.plan.model import fake_model, resolve_config
 from wmdp.plan.stages import Memory, Workload, baseline_memory, eval_memory, rmu_memory
 from wmdp.unlearn.parallel import DATA_PARALLEL
+from wmdp.unlearn.rmu import PRESETS, RMUConfig
 
 GPU_SIZES_GIB = (24, 40, 48, 80, 141)
 RESERVE_GIB = 1.0
@@ -43,8 +45,6 @@ def parse_gib(text: str) -> float:
 
 
 def _rmu_settings(preset: str | None, n_layers: int, layer_id: int | None) -> dict[str, Any]:
-    from wmdp.unlearn.rmu import PRESETS, RMUConfig
-
     rmu = dict(PRESETS[preset]["rmu"]) if preset else {}
     cfg = RMUConfig(**rmu)
     if layer_id is None and not preset and cfg.layer_id >= n_layers:
@@ -73,9 +73,6 @@ def make_plan(source: str, *, method: str | None = None, dtype: str = "bfloat16"
               layer_id: int | None = None, gpus: int = 1,
               gpu_memory: str | None = None) -> dict[str, Any]:
     """The plan as a JSON-ready dict: the model, the workload, and per stage its memory."""
-    from wmdp.models import decoder_layers
-    from wmdp.unlearn.rmu import PRESETS
-
     if method not in (None, "all", *METHODS):
         raise WmdpError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     if gpus < 1:

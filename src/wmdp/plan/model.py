@@ -23,6 +23,7 @@ import torch
 
 from wmdp.errors import WmdpError
 from wmdp.models import DTYPES
+from wmdp.unlearn.rmu import PRESETS
 
 # wmdp presets -> the shipped config of the model they name (offline planning)
 PRESET_CONFIGS = {"zephyr-7b": "zephyr-7b", "yi-34b": "yi-34b", "mixtral-8x7b": "mixtral-8x7b"}
@@ -56,8 +57,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def resolve_config(source: str) -> tuple[Any, str | None]:
     """The transformers config `source` names, and the RMU preset it is, if any."""
-    from wmdp.unlearn.rmu import PRESETS
-
     shipped = shipped_configs()
     if source in PRESET_CONFIGS:
         return _from_dict(_read_json(shipped[PRESET_CONFIGS[source]]), source), source
