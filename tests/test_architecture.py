@@ -12,6 +12,7 @@ Reads only src/wmdp (no import of wmdp, no torch): a second.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Iterable
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 PACKAGE = "wmdp"
 
 # Lowest first. A module may import from its own layer and the layers below it, never above.
@@ -162,6 +164,15 @@ def test_every_module_has_a_layer():
     if missing:
         pytest.fail("modules in no layer (add them to LAYERS here and to docs/architecture.md): "
                     + ", ".join(missing), pytrace=False)
+
+
+def test_the_docs_show_these_layers():
+    """docs/architecture.md's table: a row per layer, in this order, naming these modules."""
+    rows = [line.split("|")[1:3] for line in (ROOT / "docs" / "architecture.md").read_text()
+            .splitlines() if line.startswith("| ") and "`" in line.split("|")[2]]
+    shown = [(layer.strip(), [m.removesuffix("/*").removeprefix("wmdp/__init__")
+                              for m in re.findall(r"`([^`]+)`", names)]) for layer, names in rows]
+    assert shown == LAYERS
 
 
 def test_no_import_cycles():
