@@ -1,5 +1,5 @@
 """README.md's example commands, run as written and in order, in a fresh shell after a stand-in
-for `./run.sh`.
+for `./run.sh`; and the figures README.md and docs/ quote, found in the results files they cite.
 
 The blocks run are the fenced ```bash blocks that follow a marker comment in README.md:
 
@@ -33,6 +33,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "sandbox-small"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 MARKED = re.compile(r"<!-- example: ([\w-]+) -->\s*\n```(?:bash|sh)\n(.*?)```", re.S)
 EXPECTED = ["activate", "sandbox", "baselines", "audit"]  # README.md's markers, in order
 
@@ -103,3 +104,48 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch):
     audit = json.loads((work / "runs" / "audit" / "audit.json").read_text())
     assert set(audit["verdicts"]) == {"probe", "relearn", "gcg", "fewshot", "activations",
                                       "ablation"}
+
+
+# A figure: a number standing alone, signed or not ("-68.4", "+4.6%", "1,854", "0.35");
+# not a digit inside a name ("Rank-0", "Mistral-7B", "h2048").
+FIGURE = re.compile(r"(?<![\w.-])[-+]?\d[\d,]*(?:\.\d+)?")
+RESULTS_LINK = re.compile(r"\]\(([^)#]*results/[^)#]+\.md)(?:#[^)]*)?\)")
+
+
+def figures(text: str) -> set[str]:
+    return {f.lstrip("+-").replace(",", "") for f in FIGURE.findall(text)}
+
+
+def units(text: str) -> list[str]:
+    """Paragraphs, with each list item on its own."""
+    return [u for para in re.split(r"\n\s*\n", text) for u in re.split(r"\n(?=\s*- )", para)]
+
+
+def test_figures_quoted_are_in_the_results_files_they_cite():
+    """A paragraph (or list item) of README.md or docs/*.md that links a file under docs/results/
+    quotes only figures that file holds: the results files are the source, never the prose."""
+    pages = [README, *sorted(DOCS.glob("*.md"))]
+    cited = 0
+    for page in pages:
+        for unit in units(page.read_text(encoding="utf-8")):
+            links = RESULTS_LINK.findall(unit)
+            if not links or unit.lstrip().startswith("```"):
+                continue
+            cited += 1
+            held = set().union(*(figures((page.parent / link).read_text(encoding="utf-8"))
+                                 for link in links))
+            quoted = figures(re.sub(r"\[[^\]]*\]\([^)]*\)", "", unit))  # link targets aside
+            assert quoted <= held, (f"{page.relative_to(ROOT)}: {sorted(quoted - held)} not in "
+                                    f"{', '.join(links)}:\n{unit}")
+    assert cited >= 10  # the check ran on the pages that cite results
+
+
+def test_readme_tables_are_copies_of_results_tables():
+    """Every row of a figures table in README.md is a row of a file under docs/results/."""
+    rows = {line for f in (DOCS / "results").glob("*.md")
+            for line in f.read_text(encoding="utf-8").splitlines() if line.startswith("|")}
+    quoted = [line for line in README.read_text(encoding="utf-8").splitlines()
+              if line.startswith("|")  # a row with a cell that is a figure
+              and any(re.match(r"[-+]?\d", cell.strip()) for cell in line.strip("|").split("|"))]
+    assert len(quoted) >= 10
+    assert [r for r in quoted if r not in rows] == []
