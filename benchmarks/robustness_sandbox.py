@@ -119,12 +119,8 @@ def protocol_cell(role: str, model_dir: Path | None, sandbox: Path, out: Path, c
     out.mkdir(parents=True, exist_ok=True)
     inputs = P.sandbox_inputs(sandbox, model_dir or sandbox / "model")
     model, tok = inputs.models["unlearned" if model_dir else role]
-    texts, keep = P._attack_texts(inputs, config)
-    trained = {t for ts in texts.values() for t in ts}
-    ppl = [t for t in inputs.ppl_corpus if t not in trained][:config.ppl_texts]
-
-    def evaluate(m, tok=tok) -> dict:
-        return P._summarise(P._evaluate(m, tok, inputs, ppl, config), keep)
+    plan = P.plan_attacks(inputs, config)
+    evaluate = P.evaluator(inputs, tok, plan, config)
 
     model.eval()
     torch.set_num_threads(1)
@@ -136,12 +132,13 @@ def protocol_cell(role: str, model_dir: Path | None, sandbox: Path, out: Path, c
             if runs_file.is_file() else [])
     keys = {(r["data"], r["lr"], r["size"], r["method"], r["seed"]) for r in done}
     bar.update(len(keys))
-    for kind, lr, size, method, seed in grid(config):
+    for kind, lr, size, method, seed in P.grid(config):
         if (kind, lr, size, method, seed) in keys:
             continue
         clock.check()
         t0 = time.perf_counter()
-        curve = P.attack_run(model, tok, texts[kind][:size], lr, method, seed, config, evaluate)
+        curve = P.attack_run(model, tok, plan.texts[kind][:size], lr, method, seed, config,
+                             evaluate)
         run = {"data": kind, "lr": lr, "size": size, "method": method, "seed": seed,
                "curve": curve, "seconds": round(time.perf_counter() - t0, 2)}
         with open(runs_file, "a") as f:
@@ -151,19 +148,15 @@ def protocol_cell(role: str, model_dir: Path | None, sandbox: Path, out: Path, c
     return {"plain": plain, "runs": done}
 
 
-def grid(config) -> list[tuple]:
-    return [(k, lr, n, m, s) for k in config.data for lr in config.lrs for n in config.sizes
-            for m in config.methods for s in config.seeds]
-
-
 # -- the table -----------------------------------------------------------------------------------
 def summary(cells: dict, costs: dict, build_s: float, config) -> dict:
-    from wmdp.audit.protocol import _worst
+    from wmdp.audit.protocol import worst_case
 
     base = cells["base"]
     rows = {}
     for role, cell in cells.items():
-        attacks = {k: _worst(cell, k, base["plain"]["forget_acc"], config) for k in config.data}
+        attacks = {k: worst_case(cell, k, base["plain"]["forget_acc"], config)
+                   for k in config.data}
         for a in attacks.values():  # the retain perplexity at the worst case, against the base's
             a["retain_ppl_change_after"] = (a["worst_case"]["retain_ppl"]
                                             / base["plain"]["retain_ppl"] - 1)
@@ -236,7 +229,7 @@ def table(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from dataclasses import asdict
 
-    from wmdp.audit.protocol import ProtocolConfig
+    from wmdp.audit.protocol import ProtocolConfig, grid
     from wmdp.config import apply_overrides, from_dict
     from wmdp.progress import tqdm
 

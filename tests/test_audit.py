@@ -22,7 +22,8 @@ from wmdp.audit.gcg import (GCGConfig, encode_questions, objective_gradient, obj
                             optimise_suffix, retokenizing)
 from wmdp.audit.probe import (ProbeConfig, cross_validated, nested_cross_validated,
                               run_probe)
-from wmdp.audit.relearn import RelearnConfig, relearn_curve, run_relearn, select_texts
+from wmdp.audit.attack import select_texts
+from wmdp.audit.relearn import RelearnConfig, relearn_curve, run_relearn
 from wmdp.audit.run import AuditConfig, audit_config, reference_accuracy, run_audit
 from wmdp.cli import main
 from wmdp.data.corpus import Corpus
@@ -794,6 +795,30 @@ def test_audit_adds_attacks_to_an_existing_run(tiny_pair, tmp_path, capsys):
     v = record["attacks"]["activations"]["verdict"]
     assert len(lines) == 1 and lines[0].startswith("audit: activations finished in ")
     assert f"{v['forget_ratio']:.2f}x the base's at block {v['layer']}" in lines[0]
+
+
+def test_relearn_whose_texts_name_every_question_reaches_a_verdict_that_says_so(tiny_pair,
+                                                                                tmp_path):
+    """relearn.disjoint=false on forget texts that hold every question word: no question is
+    counted. The audit still finishes and writes its record; the verdict states no figure and
+    says why."""
+    out = tmp_path / "audit"
+    args = _audit_args(tiny_pair, tmp_path, out)
+    every = " ".join(["alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma",
+                      "rho", "zeta"])  # write_mcq_jsonl's words
+    args.update(attacks=["relearn"],
+                forget_corpora=[_write_texts(tmp_path / "named.jsonl", [every] * 6)])
+    config = audit_config(settings=args, overrides=SMALL + ["relearn.disjoint=false"])
+    record = run_audit(config, progress=False)
+    result = record["attacks"]["relearn"]
+    assert result["tasks"]["quiz"]["n_unmentioned"] == 0
+    v = result["verdict"]
+    assert v["n"] == 0 and v["recovered_fraction"] is None
+    assert v["text"].startswith("no question counted, so nothing is measured (quiz: the 0 of 24")
+    assert ("relearn.disjoint=false" in v["text"]) and not re.search(r"\d\.\d\d", v["text"])
+    on_disk = json.loads((out / "audit.json").read_text())
+    assert on_disk["verdicts"]["relearn"] == v["text"] and (out / "relearn.png").is_file()
+    assert v["text"] in (out / "verdicts.md").read_text()
 
 
 def test_cli_audit_runs_and_reports_bad_input_in_one_line(tiny_pair, tmp_path, capsys):

@@ -1,21 +1,25 @@
-"""The relearning protocol: a grid point at relearn's settings is relearn's curve; the worst
-case, the curve and the recovered share are what the runs say; every model is put back."""
+"""The relearning protocol: relearn and the protocol run one attack loop, and a grid point at
+relearn's settings is relearn's curve; the worst case, the curve and the recovered share are
+what the runs say; every model is put back."""
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
 
 from conftest import FIXTURES
 from test_sandbox import one_thread  # noqa: F401 (autouse: 1 thread)
+from wmdp.audit.attack import finetune
 from wmdp.audit.common import AuditContext, Subject, task_accuracy
-from wmdp.audit.protocol import (ProtocolConfig, _attack_texts, _worst, attack_run,
-                                 protocol_table, run_protocol, sandbox_inputs)
+from wmdp.audit.protocol import (ProtocolConfig, attack_run, plan_attacks, run_protocol,
+                                 sandbox_inputs, worst_case)
 from wmdp.audit.relearn import RelearnConfig, relearn_curve
 from wmdp.errors import WmdpError
+from wmdp.robustness import protocol_table
 from wmdp.tasks import PROMPT_STYLES
 
 SANDBOX = FIXTURES / "sandbox-small"
@@ -35,21 +39,26 @@ def inputs():
     return got
 
 
-def _hf_label_loss(logits, inputs, target_mask=None):
-    """HF's causal-LM loss on the non-padding labels (what `model(..., labels=...).loss` gives
-    and the protocol's attack keeps; relearn's own token mean also drops the first token after
-    left padding)."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
+def _callers(fn, run):
+    """What `run()` returns, and the name of each function that called `fn` meanwhile (seen by
+    the profiler: `fn` itself is not replaced)."""
+    callers = []
 
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    return ForCausalLMLoss(logits, labels, logits.shape[-1])
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is fn.__code__:
+            callers.append(frame.f_back.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        return run(), callers
+    finally:
+        sys.setprofile(None)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_a_grid_point_at_relearns_settings_is_relearns_curve(inputs, method, monkeypatch):
-    """The same loop as relearn's (seeded epoch order, AdamW, model put back), relearn's loss
-    swapped for the HF label loss the protocol keeps: the same correctness at every step."""
-    monkeypatch.setattr("wmdp.audit.relearn.mean_nll", _hf_label_loss)
+def test_relearn_and_the_protocol_run_the_one_attack_loop(inputs, method):
+    """relearn's curve and a protocol grid point at relearn's settings each call
+    `wmdp.audit.attack.finetune` once, and agree loss for loss and question for question."""
     model, tok = inputs.models["base"]
     tasks = {"sandbox_bio": inputs.forget_tasks["sandbox_bio"]}
     items = {"sandbox_bio": inputs.items["sandbox_bio"]}
@@ -58,15 +67,19 @@ def test_a_grid_point_at_relearns_settings_is_relearns_curve(inputs, method, mon
     ctx = AuditContext({"base": Subject("base", model, tok)}, tasks, items,
                        PROMPT_STYLES["lmeval"], {"base": {"sandbox_bio": ref}}, seed=2,
                        batch_size=64, progress=False)
-    expected = relearn_curve(ctx.subjects["base"], texts, ctx,
-                             RelearnConfig(num_texts=8, steps=6, eval_every=3, lr=3e-3,
-                                           method=method), "reference")
+    expected, callers = _callers(finetune, lambda: relearn_curve(
+        ctx.subjects["base"], texts, ctx, RelearnConfig(num_texts=8, steps=6, eval_every=3,
+                                                        lr=3e-3, method=method), "reference"))
+    assert callers == ["relearn_curve"]
     evaluate = lambda m: {"correct": task_accuracy(  # noqa: E731
         m, tok, tasks, items, "lmeval", 64)["sandbox_bio"]["correct"]}
-    got = attack_run(model, tok, texts, 3e-3, method, 2, ProtocolConfig(checkpoints=[3, 6]),
-                     evaluate)
+    got, callers = _callers(finetune, lambda: attack_run(
+        model, tok, texts, 3e-3, method, 2, ProtocolConfig(checkpoints=[3, 6]), evaluate))
+    assert callers == ["attack_run"]
     assert [p["step"] for p in got] == [3, 6]
     assert [p["correct"] for p in got] == [p["correct"]["sandbox_bio"] for p in expected[1:]]
+    assert [p["loss"] for p in got] == pytest.approx([p["loss"] for p in expected[1:]],
+                                                     rel=1e-6)
 
 
 def test_the_grid_worst_case_curve_share_and_models_put_back(inputs):
@@ -105,7 +118,8 @@ def test_the_grid_worst_case_curve_share_and_models_put_back(inputs):
 
 def test_forget_attack_texts_never_name_a_measured_question(inputs):
     config = ProtocolConfig(sizes=[4, 16])
-    texts, keep = _attack_texts(inputs, config)
+    plan = plan_attacks(inputs, config)
+    texts, keep = plan.texts, plan.keep
     assert len(texts["forget"]) == 16
     for task, idx in keep.items():
         assert idx, f"every {task} question was left out"
@@ -121,7 +135,8 @@ def test_worst_case_is_the_attackers_best_point_not_the_average():
             for lr, s, a, b, g in [(1e-4, 0, 0.3, 0.35, 0.95), (1e-3, 0, 0.4, 0.8, 0.5),
                                    (1e-3, 1, 0.3, 0.3, 0.9)]]
     model = {"plain": {"forget_acc": 0.3}, "runs": runs}
-    got = _worst(model, "forget", base_plain=0.9, config=ProtocolConfig(checkpoints=[10, 30]))
+    got = worst_case(model, "forget", base_plain=0.9,
+                     config=ProtocolConfig(checkpoints=[10, 30]))
     assert got["worst_case"]["forget_acc"] == 0.8 and got["worst_case"]["lr"] == 1e-3
     assert got["worst_case"]["general_acc"] == 0.5  # the ability at that point, not the best
     assert got["recovered_share"] == pytest.approx((0.8 - 0.3) / (0.9 - 0.3))
@@ -142,17 +157,17 @@ def test_bad_grid_is_refused(inputs, change, message):
 
 # -- inside `wmdp audit` ------------------------------------------------------------------------
 def test_the_protocol_is_opt_in_and_its_grid_is_checked_before_models_load():
-    from wmdp.audit.run import ATTACKS, AuditConfig, _check
+    from wmdp.audit.run import ATTACKS, AuditConfig, check_audit_config
 
     assert "protocol" in ATTACKS and "protocol" not in AuditConfig().attacks
     config = AuditConfig(tasks=["sandbox_bio"], attacks=["protocol"], forget_corpora=["f"],
                          retain_corpora=["r"], protocol=ProtocolConfig(lrs=[]))
     with pytest.raises(WmdpError, match="an empty grid axis"):
-        _check(config)
+        check_audit_config(config)
 
 
 def test_the_oracle_is_found_beside_a_sandbox_base_model(tmp_path):
-    from wmdp.audit.protocol_audit import find_oracle
+    from wmdp.audit.oracle import find_oracle
 
     (tmp_path / "build" / "model").mkdir(parents=True)
     base = str(tmp_path / "build" / "model")

@@ -417,10 +417,10 @@ def check_run(pipe: Pipeline) -> None:
                             f"{len(u.forget_corpora)} forget corpora (give 1 or "
                             f"{len(u.forget_corpora)})")
     if c.audit is not None:
-        from wmdp.audit.run import _check as check_audit  # the audit's own checks, run early
+        from wmdp.audit.run import check_audit_config  # the audit's own checks, run early
 
         audit = pipe.audit_settings(tasks=list(e.forget))
-        check_audit(audit)
+        check_audit_config(audit)
         for key, least in AUDIT_MINIMUMS.items():
             section, name = key.split(".")
             _at_least({f"audit.settings.{key}": getattr(getattr(audit, section), name, None)},

@@ -3,6 +3,7 @@
     shares(audit)                   {column: Share}: every recovered share the audit reports
     worst_case(audit)               the highest share and its column (the attacker's best attack)
     protocol_rows(result, "rmu")    the relearning protocol's worst case per attack data and model
+    protocol_table(result)          the same as a Markdown table
     protocol_curves(result)         per attack data and model: steps, best and mean accuracy
     summary(audit), compare_table(rows)   `wmdp compare`'s robustness columns
 
@@ -108,6 +109,14 @@ def protocol_rows(result: dict, method: str = "unlearned") -> list[list[str]]:
     return rows
 
 
+def protocol_table(result: dict, method: str = "unlearned") -> str:
+    """Markdown: per attack data and model, plain -> worst case, share, ability after."""
+    rows = protocol_rows(result, method)
+    return "\n".join(["| " + " | ".join(PROTOCOL_HEADER) + " |",
+                      "|---|---|" + "---:|" * 5 + "---|"] + ["| " + " | ".join(r) + " |"
+                                                             for r in rows])
+
+
 def protocol_curves(result: dict) -> dict[str, dict[str, dict[str, list[float]]]]:
     """{attack data: {model: {"step", "best", "mean"}}}, step 0 the model's plain accuracy."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -179,4 +188,5 @@ def compare_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 __all__ = ["Share", "summary", "compare_table", "shares", "worst_case", "protocol_rows",
-           "protocol_curves", "protocol_summary", "share_text", "pct", "PROTOCOL_HEADER"]
+           "protocol_table", "protocol_curves", "protocol_summary", "share_text", "pct",
+           "PROTOCOL_HEADER"]

@@ -6,8 +6,9 @@
 Each model (full fine-tuning, its weights put back after from a CPU snapshot) or the model with
 LoRA adapters (peft; removed after) trains on N forget-corpus texts for K steps, and separately
 on N retain texts (the control: an unlearning that only hides knowledge often gives it back to
-fine-tuning on unrelated text), with the causal-LM loss; every audited task is re-evaluated
-with `wmdp.evaluate.evaluate_model` every `eval_every` steps. Step 0 is the plain accuracy.
+fine-tuning on unrelated text), in the fine-tuning attack's loop (`wmdp.audit.attack.finetune`:
+its seeded batches and its loss); every audited task is re-evaluated with
+`wmdp.evaluate.evaluate_model` every `eval_every` steps. Step 0 is the plain accuracy.
 
 Which texts: with `disjoint` (default), texts that never mention an audited question's rarest
 word (its word found in the fewest candidate texts; in the sandbox, the entity's name) are taken
@@ -30,149 +31,61 @@ runs as one process.
 from __future__ import annotations
 
 import os
-import random
-import re
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
-import torch
-from wmdp.progress import tqdm
-
-from wmdp.audit.common import (AuditContext, Subject, interleaved, recovery_entry,
-                               task_accuracy)
-from wmdp.data.corpus import Corpus
-from wmdp.data.mcq import MCQItem
+from wmdp.audit.attack import METHODS, FinetuneSettings, finetune, select_texts
+from wmdp.audit.common import AuditContext, Subject, recovery_entry, task_accuracy
+from wmdp.audit.oracle import audit_oracle, load_oracle
+from wmdp.distributed import rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import sha256_json
-from wmdp.distributed import rank_world
-from wmdp.models import input_device
-from wmdp.unlearn import parallel
-from wmdp.unlearn.batches import chunk, tokenize, training_tokenizer
-from wmdp.unlearn.lm import mean_nll
-
-METHODS = ("full", "lora")
-POOL_PER_TEXT = 50  # candidate texts per text wanted, taken from the start of each corpus
+from wmdp.optimizer_settings import check_lr
 
 
 @dataclass
-class RelearnConfig:
-    """Relearning settings; defaults suit the sandbox on a CPU (the gpu preset: 7B models)."""
+class RelearnConfig(FinetuneSettings):
+    """Relearning settings; defaults suit the sandbox on a CPU (the gpu preset: 7B models).
+    Beside these, FinetuneSettings': batch_size 4, max_length 256, weight_decay 0, lr_schedule
+    constant, warmup_ratio 0, lora_rank 8, lora_alpha 16, lora_targets all-linear."""
 
     num_texts: int = 8                # N texts, from the forget corpora (and N retain texts)
     steps: int = 40                   # K optimizer steps
     eval_every: int = 10              # steps between re-evaluations
-    batch_size: int = 4               # texts per step
     lr: float = 1e-3                  # AdamW learning rate
-    weight_decay: float = 0.0
-    max_length: int = 256             # tokens per text (longer ones are truncated)
     method: str = "full"              # full fine-tuning (weights restored after), or lora (peft)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])  # peft target_modules
     disjoint: bool = True             # prefer texts that never mention an audited question
     oracle: str = ""                  # a model that never learned the forget domains, relearned
     # the same way (the floor): "" a sandbox build's oracle/model beside the base model, when
     # there is one; "none": without; or a model directory
 
 
-def _words(text: str) -> set[str]:
-    return {w for w in re.findall(r"\w+", text.lower()) if len(w) > 2}
-
-
-def select_texts(corpora: list[Corpus], n: int, questions: list[MCQItem],
-                 disjoint: bool) -> tuple[list[str], list[bool]]:
-    """N texts, and for each question whether a chosen text mentions its rarest word."""
-    pool = interleaved(corpora, POOL_PER_TEXT * n)
-    if len(pool) < n:
-        raise WmdpError(f"relearn: {len(pool)} texts in {', '.join(c.name for c in corpora)}, "
-                        f"fewer than relearn.num_texts={n}")
-    pool_words = [_words(t) for t in pool]
-    freq: dict[str, int] = {}
-    for ws in pool_words:
-        for w in ws:
-            freq[w] = freq.get(w, 0) + 1
-    keys = []
-    for q in questions:  # the question's word found in the fewest texts (but in some)
-        found = sorted((freq[w], w) for w in _words(q.question) if w in freq)
-        keys.append(found[0][1] if found else None)
-    key_set = {k for k in keys if k is not None}
-    clean = [i for i, ws in enumerate(pool_words) if not ws & key_set]
-    clean_set = set(clean)
-    order = (clean + [i for i in range(len(pool)) if i not in clean_set]) if disjoint \
-        else list(range(len(pool)))
-    chosen = order[:n]
-    seen = set().union(*(pool_words[i] for i in chosen))
-    return [pool[i] for i in chosen], [k is not None and k in seen for k in keys]
-
-
-def _attach(model: torch.nn.Module,
-            config: RelearnConfig) -> tuple[Any, list[torch.nn.Parameter], Callable[[], Any]]:
-    """The model to train, its trainable parameters, and what puts the model back as it was:
-    full fine-tuning trains the model itself and copies its weights back from a CPU snapshot;
-    LoRA adds adapters and unloads them (the original modules back, weights untouched)."""
-    if config.method == "full":  # sharded (FSDP): each process keeps and restores its shards
-        params = list(model.parameters())
-        saved = [parallel.local(p).detach().to("cpu", copy=True) for p in params]
-        model.requires_grad_(True)
-
-        def restore() -> None:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    parallel.local(p).copy_(s)
-                    p.grad = None
-        return model, params, restore
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise WmdpError("relearn.method=lora needs the peft package (pip install peft)") from None
-    targets = config.lora_targets[0] if config.lora_targets == ["all-linear"] else config.lora_targets
-    tuned = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                             lora_dropout=0.0, target_modules=targets))
-    return tuned, [p for p in tuned.parameters() if p.requires_grad], tuned.unload
+def check_relearn(config: RelearnConfig) -> None:
+    """One line naming the bad setting, before any model loads."""
+    if min(config.steps, config.eval_every, config.num_texts) < 1:
+        raise WmdpError("relearn: steps, eval_every and num_texts must be positive")
+    if config.method not in METHODS:
+        raise WmdpError(f"relearn.method {config.method!r} is not one of {', '.join(METHODS)}")
+    check_lr(config.lr, "relearn.lr")
+    config.check_finetune("relearn")
 
 
 def relearn_curve(subject: Subject, texts: list[str], ctx: AuditContext,
                   config: RelearnConfig, label: str) -> list[dict]:
-    """Per-question correctness at step 0 and after every `eval_every` steps of fine-tuning."""
-    if config.method not in METHODS:
-        raise WmdpError(f"relearn.method {config.method!r} is not one of {', '.join(METHODS)}")
-    torch.manual_seed(ctx.seed)
-    rng = random.Random(ctx.seed)
-    tok = training_tokenizer(subject.tokenizer)
-    flags = [p.requires_grad for p in subject.model.parameters()]
-    tuned, params, restore = _attach(subject.model, config)
-    try:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        curve = [{"step": 0, "loss": None, "correct": dict(ctx.reference[subject.role])}]
-        batches: list[list[str]] = []
-        losses: list[float] = []
-        for step in tqdm(range(1, config.steps + 1), desc=f"relearn {label}",
-                         disable=not ctx.progress or rank_world()[0] != 0, leave=False):
-            if not batches:  # a new epoch, in a seeded order
-                order = rng.sample(texts, len(texts))
-                batches = chunk(order, config.batch_size)
-            with parallel.training(True):  # many processes: this one's share, global means
-                inputs = tokenize(tok, parallel.share(batches.pop(0)), config.max_length,
-                                  input_device(subject.model))
-                loss = mean_nll(tuned(**inputs, use_cache=False).logits, inputs)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(parallel.mean_over_ranks(loss.item(), {})[0])
-            if step % config.eval_every == 0 or step == config.steps:
-                with torch.no_grad():
-                    figures = task_accuracy(tuned, subject.tokenizer, ctx.tasks, ctx.items,
-                                            ctx.style.name, ctx.batch_size)
-                correct = {t: f["correct"] for t, f in figures.items()}
-                curve.append({"step": step, "loss": sum(losses) / len(losses),
-                              "correct": correct})
-                losses = []
-        optimizer.zero_grad(set_to_none=True)
-    finally:
-        restore()
-        for p, flag in zip(subject.model.parameters(), flags):
-            p.requires_grad_(flag)
-    return curve
+    """Per-question correctness at step 0 and after every `eval_every` steps of fine-tuning
+    (the attack loop, `wmdp.audit.attack.finetune`)."""
+    check_relearn(config)
+
+    def evaluate(model: Any) -> dict:
+        figures = task_accuracy(model, subject.tokenizer, ctx.tasks, ctx.items, ctx.style.name,
+                                ctx.batch_size)
+        return {"correct": {t: f["correct"] for t, f in figures.items()}}
+
+    marks = [*range(config.eval_every, config.steps + 1, config.eval_every), config.steps]
+    curve = finetune(subject.model, subject.tokenizer, texts, config, method=config.method,
+                     lr=config.lr, seed=ctx.seed, checkpoints=marks, evaluate=evaluate,
+                     progress=ctx.progress, desc=f"relearn {label}")
+    return [{"step": 0, "loss": None, "correct": dict(ctx.reference[subject.role])}, *curve]
 
 
 def check_parallel(config: RelearnConfig) -> None:
@@ -198,8 +111,7 @@ def _mean(values: list[float]) -> float:
 
 def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
     """Both models, fine-tuned on forget texts and on retain texts; accuracy against steps."""
-    if config.steps < 1 or config.eval_every < 1 or config.num_texts < 1 or config.batch_size < 1:
-        raise WmdpError("relearn: steps, eval_every, num_texts and batch_size must be positive")
+    check_relearn(config)
     check_parallel(config)
     questions = [it for t in ctx.tasks for it in ctx.items[t]]
     corpora = {"forget": ctx.forget, "retain": ctx.retain}
@@ -251,10 +163,6 @@ def _with_oracle(ctx: AuditContext,
     """The record of the oracle (`relearn.oracle`), the subjects to relearn (the audit's two,
     and the oracle where there is one), and the context with its plain accuracy as a reference.
     One process only: under torchrun it is left out, and the record says so."""
-    from dataclasses import replace
-
-    from wmdp.audit.protocol_audit import audit_oracle, load_oracle
-
     found = audit_oracle(ctx, config)
     if found is None:
         return {"source": None}, dict(ctx.subjects), ctx

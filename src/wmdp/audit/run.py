@@ -33,8 +33,8 @@ from wmdp.audit.fewshot import FewshotConfig, run_fewshot
 from wmdp.audit.gcg import GCGConfig, run_gcg
 from wmdp.audit.probe import ProbeConfig, run_probe
 from wmdp.audit.protocol import ProtocolConfig, check_grid
-from wmdp.audit.protocol_audit import protocol_verdict, run_protocol_attack
-from wmdp.audit.relearn import RelearnConfig, check_parallel, run_relearn
+from wmdp.audit.protocol_audit import run_protocol_attack
+from wmdp.audit.relearn import RelearnConfig, check_parallel, check_relearn, run_relearn
 from wmdp.audit.verdicts import gap_tasks, verdict
 from wmdp.config import apply_overrides, from_dict, load_yaml, to_dict
 from wmdp.data.corpus import load_corpus
@@ -148,7 +148,9 @@ def audit_config(preset: str | None = None, config_file: str | None = None,
     return from_dict(AuditConfig, apply_overrides(data, overrides or []), where)
 
 
-def _check(config: AuditConfig) -> None:
+def check_audit_config(config: AuditConfig) -> None:
+    """One line naming what is wrong with the settings, before any model loads or file is
+    written (`wmdp run` calls it on its audit settings before its first stage)."""
     unknown = [a for a in config.attacks if a not in ATTACKS]
     if unknown:
         raise WmdpError(f"unknown attack {unknown[0]!r} (known: {', '.join(ATTACKS)})")
@@ -164,6 +166,8 @@ def _check(config: AuditConfig) -> None:
                                                           or len(set(probe.layers)) > 1):
         raise WmdpError(f"probe.folds is {probe.folds}: choosing the probe's layer needs at "
                         "least 3 folds (an inner cross-validation inside each outer one)")
+    if "relearn" in config.attacks:
+        check_relearn(config.relearn)
     if "protocol" in config.attacks:
         check_grid(config.protocol)
     for attack in NEEDS_CORPORA:
@@ -235,7 +239,7 @@ def run_audit(config: AuditConfig, *, overwrite: bool = False, progress: bool = 
     otherwise both are loaded from `config.base` and `config.model`.
     """
     t0 = time.perf_counter()
-    _check(config)
+    check_audit_config(config)
     tasks, items = _load_tasks(config)  # bad data fails before any model loads
     corpora = {kind: [load_corpus(s, config.min_len) for s in specs]
                for kind, specs in (("forget", config.forget_corpora),
@@ -297,8 +301,7 @@ def _run_attack(attack: str, attack_config: Any, ctx: AuditContext, record: dict
     result = {"config": to_dict(attack_config), "config_sha256": digest,
               **ATTACKS[attack](ctx, attack_config)}
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["verdict"] = protocol_verdict(result) if attack == "protocol" else \
-        verdict(attack, result, record["gap_tasks"])
+    result["verdict"] = verdict(attack, result, record["gap_tasks"])
     record["attacks"][attack] = result
     if ctx.progress and is_main():  # the progress bars vanish; a log keeps this line
         print(f"audit: {attack} finished in {result['seconds']:.0f} s: "
