@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("measure", ["scoring", "perplexity", "evaluate", "lmeval_bridge", "chat"]),
     ("unlearn", ["unlearn"]),
     ("sandbox", ["sandbox"]),
-    ("audit", ["audit"]),
+    ("audit", ["audit", "protocol_plot"]),
     ("plan", ["plan"]),
     ("report", ["robustness", "report_render", "report_tasks", "report_plots", "report",
                 "compare"]),

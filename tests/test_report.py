@@ -408,8 +408,8 @@ def test_report_robustness_section_reads_every_attack_and_the_protocol(tmp_path)
 
 
 def test_relearning_curves_are_the_protocols_best_and_mean_per_step(tmp_path, monkeypatch):
-    from wmdp import report_plots
-    from wmdp.robustness import protocol_curves
+    from wmdp import protocol_plot
+    from wmdp.protocol_plot import protocol_curves
 
     curves = protocol_curves(_protocol())
     assert list(curves) == ["forget", "retain"]
@@ -417,7 +417,7 @@ def test_relearning_curves_are_the_protocols_best_and_mean_per_step(tmp_path, mo
                                              "mean": [0.3, 0.5, 0.6]}
     assert curves["retain"]["oracle"]["best"] == [0.25, 0.26, 0.27]
     drawn = []
-    real = report_plots._pyplot
+    real = protocol_plot.pyplot
 
     def spy():
         plt = real()
@@ -430,8 +430,8 @@ def test_relearning_curves_are_the_protocols_best_and_mean_per_step(tmp_path, mo
         monkeypatch.setattr(plt.Axes, "plot", plot)
         return plt
 
-    monkeypatch.setattr(report_plots, "_pyplot", spy)
-    report_plots.relearning_curves(_protocol(), tmp_path / "c.png", "rmu")
+    monkeypatch.setattr(protocol_plot, "pyplot", spy)
+    protocol_plot.relearning_curves(_protocol(), tmp_path / "c.png", "rmu")
     labelled = [d for d in drawn if d[1]]
     assert [(t, lab) for t, lab, _, _ in labelled] == [
         (t, lab) for t in ("forget texts", "retain texts (control)")

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from wmdp.io import atomic_write_text, read_json
-from wmdp.report_plots import accuracy_charts, relearning_curves, training_curves
+from wmdp.protocol_plot import relearning_curves
+from wmdp.report_plots import accuracy_charts, training_curves
 from wmdp.report_render import Doc, Flagged
 from wmdp.report_tasks import Tasks
 from wmdp.report_tasks import metrics as _metrics

@@ -1,9 +1,8 @@
-"""The report's figures: accuracy before and after unlearning, the training curves, and the
-relearning protocol's curves (also the audit's protocol.png).
+"""The report's figures: accuracy before and after unlearning, and the training curves (the
+relearning protocol's curves are the audit's, `wmdp.protocol_plot`).
 
     accuracy_charts(plots_dir, tasks, base_results, unlearned_results, "rmu")
     training_curves(run_dir / "unlearned" / "metrics.jsonl", plots_dir)
-    relearning_curves(audit["attacks"]["protocol"], plots_dir / "relearning.png", "rmu")
 
 Two accuracy charts, as horizontal bars so that every label reads at the page's width: the
 headline groups (each side's top-level groups: the forget and general groups and their seen and
@@ -14,22 +13,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
+from wmdp.protocol_plot import CHANCE, ROLE_COLOURS, pyplot
 from wmdp.report_tasks import Tasks, metrics
-from wmdp.robustness import ROLES, protocol_curves
 
-CHANCE = 25.0  # percent, four choices
-COLOURS = {"base": "#8c8c8c", "unlearned": "#c8312b", "forget": "#9b1c1c"}
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+COLOURS = {"base": ROLE_COLOURS["base"], "unlearned": ROLE_COLOURS["unlearned"],
+           "forget": "#9b1c1c"}  # the forget tasks' labels
 
 
 def accuracy_charts(plots: Path, tasks: Tasks, base: dict, unl: dict,
@@ -53,7 +42,7 @@ def accuracy_charts(plots: Path, tasks: Tasks, base: dict, unl: dict,
 
 def _hbars(names: list[str], tasks: Tasks, base: dict, unl: dict, method: str, path: Path) -> None:
     """Base and unlearned accuracy per name, one pair of horizontal bars each."""
-    plt = _pyplot()
+    plt = pyplot()
     height = 0.38
     fig, ax = plt.subplots(figsize=(8.0, 0.55 * len(names) + 1.2))
     for k, (label, res, colour) in enumerate((("base", base, COLOURS["base"]),
@@ -100,7 +89,7 @@ def _curves(rows: list[dict], keys: tuple[str, ...], path: Path, ylabel: str, lo
     present = [k for k in keys if any(k in r for r in rows)]
     if not present:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for k in present:
         pts = [(r["step"], r[k]) for r in rows if k in r]
@@ -116,41 +105,4 @@ def _curves(rows: list[dict], keys: tuple[str, ...], path: Path, ylabel: str, lo
     return True
 
 
-PANELS = {"forget": "forget texts", "retain": "retain texts (control)",
-          "general": "out-of-domain text"}
-ROLE_COLOURS = {"base": COLOURS["base"], "unlearned": COLOURS["unlearned"], "oracle": "#2b6cb0"}
-
-
-def relearning_curves(result: dict, path: Path, method: str = "unlearned") -> Path:
-    """The relearning protocol's curves in one figure, a panel per attack data: forget accuracy
-    against fine-tuning steps for base, unlearned (`method`) and oracle; solid the best run of
-    the grid at each step (the worst case), dotted the mean over the grid; step 0 plain."""
-    from matplotlib.lines import Line2D
-
-    curves = protocol_curves(result)
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves) + 0.6, 3.4),
-                             squeeze=False, sharey=True)
-    for ax, (kind, models) in zip(axes[0], curves.items()):
-        ax.set_title(PANELS.get(kind, kind), fontsize=10)
-        for role in [r for r in ROLES if r in models] + [r for r in models if r not in ROLES]:
-            c, colour = models[role], ROLE_COLOURS.get(role, "black")
-            label = method if role == "unlearned" else role
-            ax.plot(c["step"], [100 * a for a in c["best"]], "o-", color=colour, label=label)
-            ax.plot(c["step"], [100 * a for a in c["mean"]], ":", color=colour)
-        ax.axhline(CHANCE, color="black", ls="--", lw=0.8)
-        ax.set_xlabel("attack steps")
-        ax.set_ylim(0, 102)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("forget accuracy (%)")
-    handles, _ = axes[0][0].get_legend_handles_labels()
-    mean = Line2D([], [], ls=":", color="black", label="mean over the grid")
-    fig.legend(handles=handles + [mean], fontsize=8, loc="lower center", ncol=4,
-               bbox_to_anchor=(0.5, 1.0), frameon=False)  # above the panels: hides no line
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-__all__ = ["accuracy_charts", "training_curves", "relearning_curves"]
+__all__ = ["accuracy_charts", "training_curves"]

@@ -4,7 +4,6 @@
     worst_case(audit)               the highest share and its column (the attacker's best attack)
     protocol_rows(result, "rmu")    the relearning protocol's worst case per attack data and model
     protocol_table(result)          the same as a Markdown table
-    protocol_curves(result)         per attack data and model: steps, best and mean accuracy
     summary(audit), compare_table(rows)   `wmdp compare`'s robustness columns
 
 A share is (accuracy under attack - unlearned) / (base - unlearned): 0 nothing came back, 1 the
@@ -21,8 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from wmdp.protocol_plot import ROLES  # the protocol's models, in the order tables show them
+
 SHARE = "recovered_fraction"
-ROLES = ("base", "unlearned", "oracle")  # the protocol's models, in the order tables show them
 
 
 @dataclass
@@ -117,20 +117,6 @@ def protocol_table(result: dict, method: str = "unlearned") -> str:
                                                              for r in rows])
 
 
-def protocol_curves(result: dict) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """{attack data: {model: {"step", "best", "mean"}}}, step 0 the model's plain accuracy."""
-    out: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for role, m in (result.get("models") or {}).items():
-        plain = m.get("plain", {}).get("forget_acc")
-        for kind, a in m.get("attacks", {}).items():
-            curve = a.get("curve", [])
-            out.setdefault(kind, {})[role] = {
-                "step": [0] + [p["step"] for p in curve],
-                "best": [plain] + [p["best"] for p in curve],
-                "mean": [plain] + [p["mean"] for p in curve]}
-    return out
-
-
 def _value(x: object) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
@@ -188,5 +174,4 @@ def compare_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 __all__ = ["Share", "summary", "compare_table", "shares", "worst_case", "protocol_rows",
-           "protocol_table", "protocol_curves", "protocol_summary", "share_text", "pct",
-           "PROTOCOL_HEADER"]
+           "protocol_table", "protocol_summary", "share_text", "pct", "PROTOCOL_HEADER"]

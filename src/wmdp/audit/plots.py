@@ -13,6 +13,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from wmdp.protocol_plot import relearning_curves  # the report draws the same figure
+
 COLORS = {"base": "tab:blue", "unlearned": "tab:red", "base_to_unlearned": "tab:purple"}
 
 
@@ -128,8 +130,6 @@ def plot_activations(result: dict, path: Path) -> str:
 
 
 def plot_protocol(result: dict, path: Path) -> str:
-    from wmdp.report_plots import relearning_curves  # the report draws the same figure
-
     return relearning_curves(result, path).name
 
 
