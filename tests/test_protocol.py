@@ -256,13 +256,13 @@ def test_audit_control_leaves_out_the_out_of_domain_text():
     """In an audit the control data is the retain corpora; a sandbox's retain.jsonl also holds
     its far domain's prose (the general attack's text), which the control leaves out: what is
     left is exactly the near domains' files, and a corpus with nothing left is dropped."""
-    from wmdp.audit.protocol_audit import _control
+    from wmdp.audit.protocol_audit import control_corpora
     from wmdp.data.corpus import load_corpus
 
     data = SANDBOX / "data"
     retain, far = load_corpus(data / "retain.jsonl"), load_corpus(data / "retain_geography.jsonl")
     near = [load_corpus(data / f"retain_{d}.jsonl") for d in ("botany", "software")]
-    control = _control([retain], [far])
+    control = control_corpora([retain], [far])
     assert len(control) == 1 and not set(control[0].texts) & set(far.texts)
     assert sorted(control[0].texts) == sorted(t for c in near for t in c.texts)
-    assert _control(near, [far]) == near and _control([far], [far]) == []
+    assert control_corpora(near, [far]) == near and control_corpora([far], [far]) == []

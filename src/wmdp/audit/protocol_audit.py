@@ -40,7 +40,7 @@ def _data_dir(ctx: AuditContext) -> Path | None:
     return Path(paths[0]).parent if paths else None
 
 
-def _control(retain: list, far: list) -> list:
+def control_corpora(retain: list, far: list) -> list:
     """The control data: the retain corpora without any text of the out-of-domain corpora (a
     sandbox's retain.jsonl holds its far domain's prose too), so the two attacks stay apart."""
     drop = {t for c in far for t in c.texts}
@@ -72,7 +72,7 @@ def audit_inputs(ctx: AuditContext, config: ProtocolConfig) -> tuple[ProtocolInp
         models["oracle"] = load_oracle(ctx, oracle)
     items = {**ctx.items, **{t: task.load_items() for t, task in general.items()}}
     far = [load_corpus(s) for s in specs] if "general" in config.data else []
-    corpora = {"forget": ctx.forget, "retain": _control(ctx.retain, far), "general": far}
+    corpora = {"forget": ctx.forget, "retain": control_corpora(ctx.retain, far), "general": far}
     ppl = [t for c in ctx.retain for t in reversed(c.texts)]  # far from the texts runs train on
     inputs = ProtocolInputs(models, dict(ctx.tasks), general, items, corpora, ppl)
     return inputs, {"oracle": oracle, "general_tasks": list(general),

@@ -31,6 +31,7 @@ from wmdp.audit.activations import ActivationsConfig, run_activations
 from wmdp.audit.common import ROLES, AuditContext, Subject, task_accuracy
 from wmdp.audit.fewshot import FewshotConfig, run_fewshot
 from wmdp.audit.gcg import GCGConfig, run_gcg
+from wmdp.audit.plots import PLOTS, plot_attack
 from wmdp.audit.probe import ProbeConfig, run_probe
 from wmdp.audit.protocol import ProtocolConfig, check_grid
 from wmdp.audit.protocol_audit import run_protocol_attack
@@ -42,8 +43,9 @@ from wmdp.distributed import broadcast, is_main, on_main, rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import library_versions, prepare_output_dir, read_json, sha256_json, write_json
 from wmdp.model_spec import ModelSpec
-from wmdp.models import check_model_source
+from wmdp.models import check_model_source, resolve_device
 from wmdp.tasks import PROMPT_STYLES, Registry
+from wmdp.unlearn.parallel import shard_model
 
 AUDIT = "audit.json"
 ATTACKS: dict[str, Callable[[AuditContext, Any], dict]] = {
@@ -207,9 +209,6 @@ def _load_models(config: AuditConfig) -> dict[str, tuple[Any, Any]]:
               for role, source, rev in (("base", config.base, config.base_revision),
                                         ("unlearned", config.model, config.revision))}
     if many:
-        from wmdp.models import resolve_device
-        from wmdp.unlearn.parallel import shard_model
-
         for model, _ in models.values():
             model.requires_grad_(True)  # FSDP's gradients: relearning trains every weight
             shard_model(model, resolve_device(config.device))
@@ -307,8 +306,6 @@ def _run_attack(attack: str, attack_config: Any, ctx: AuditContext, record: dict
         print(f"audit: {attack} finished in {result['seconds']:.0f} s: "
               f"{headline(attack, result['verdict'])}", file=sys.stderr, flush=True)
     if out is not None and is_main():
-        from wmdp.audit.plots import PLOTS, plot_attack
-
         write_json(out / f"{attack}.json", result)
         if attack in PLOTS:  # an attack without a figure has its JSON and verdict only
             record["plots"][attack] = plot_attack(attack, result, out)
