@@ -25,7 +25,7 @@ from wmdp.progress import tqdm
 
 from wmdp.config import to_dict
 from wmdp.data.corpus import Corpus, load_corpus
-from wmdp.distributed import barrier, is_main, on_main, rank_world
+from wmdp.distributed import barrier, is_main, is_sharded, on_main, rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import (atomic_write_text, library_versions, prepare_output_dir, sha256_json,
                      write_json)
@@ -108,7 +108,7 @@ def unlearn_model(method: Method, model: nn.Module, tokenizer: Any, schedule: To
     if many:
         parallel.check_method(method.name, None)
         parallel.check_shares(schedule)
-        if not parallel.is_sharded(next(model.parameters())):
+        if not is_sharded(next(model.parameters())):
             parallel.shard_model(model, device or str(input_device(model)))
         schedule = parallel.RankShare(schedule)  # type: ignore[assignment]
     with parallel.training(many):
@@ -366,7 +366,7 @@ def save_model(model: nn.Module, tokenizer: Any, out: Path, record: dict) -> Non
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    sharded = parallel.is_sharded(next(model.parameters()))
+    sharded = is_sharded(next(model.parameters()))
     state = parallel.model_state(model) if sharded else None
     if not is_main():
         return
