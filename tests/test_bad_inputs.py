@@ -1,5 +1,7 @@
-"""Every bad input of the trust issue (sections 3 and 4): one line on stderr, `wmdp: ...`, exit
-code 2, every input byte-identical afterwards, and nothing left in the output directory.
+"""Every bad input of the trust issue (sections 3 and 4) and of the second campaign (inputs
+lost, malformed data, late failures): one line on stderr, `wmdp: ...`, exit code 2, every input
+byte-identical afterwards, and nothing left in the output directory (or, where it held the
+user's files, the output as it was).
 
 One table, `CASES`; each row is a command line with placeholders for the files of a world
 built once per module (a copy of the small sandbox, since it is an input, and bad files).
@@ -104,7 +106,27 @@ def world(tmp_path_factory) -> dict:
     w["cfg"] = str(_config(root / "run.yaml", w))
     (root / "template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     w["tpl"] = str(root / "template.jinja")
+    _malformed(root, w)
     return w
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past Python's recursion limit for json.loads
+
+
+def _malformed(root: Path, w: dict) -> None:
+    """Files no reader can take: JSON nested 100,000 deep, a CSV field over csv's limit."""
+    (root / "deep.json").write_text(DEEP)
+    w["deep_json"] = str(root / "deep.json")
+    (root / "deep.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + DEEP + "\n")
+    w["deep_jsonl"] = str(root / "deep.jsonl")
+    w["run_deep"] = _results_dir(root / "run-deep", DEEP.encode())
+    deep_dir = root / "deep-data"
+    deep_dir.mkdir()
+    (deep_dir / "tasks.json").write_text(DEEP)
+    w["deep_dir"] = str(deep_dir)
+    big = "x" * 200_000  # csv.field_size_limit() is 131,072
+    (root / "big.csv").write_text(f"question,A,B,C,D,answer\n{big},a,b,c,d,A\n")
+    w["big_csv"] = str(root / "big.csv")
 
 
 def _digest(path: Path) -> dict[str, str]:
@@ -194,6 +216,21 @@ def _keep_file(out: Path, w: dict) -> None:
     (out / "mine.txt").write_text("the user's notes")
 
 
+def _inputs_inside(out: Path, w: dict) -> None:
+    """The output directory holds inputs: a corpus (c.jsonl) and a model (teacher/)."""
+    out.mkdir()
+    shutil.copy(w["forget_bio"], out / "c.jsonl")
+    shutil.copytree(w["m"], out / "teacher")
+
+
+def _link_to_inputs(out: Path, w: dict) -> None:
+    """The output is a link to a directory that holds a corpus."""
+    target = out.parent / "elsewhere"
+    target.mkdir()
+    shutil.copy(w["forget_bio"], target / "c.jsonl")
+    out.symlink_to(target)
+
+
 CASES = [
     # -- 3: an output that is, holds or lies inside an input is refused before anything --
     Case("eval-output-is-model", "eval --model {m} --data-dir {d} --tasks sandbox_bio "
@@ -226,6 +263,60 @@ CASES = [
          ("lies inside", "{run_ok}")),
     Case("sandbox-output-holds-config", "sandbox build --preset small --config {latin1_yaml} "
          "--output {root} --overwrite", ("holds the input", "config")),
+    # -- 22.1: an input inside the output, however it is spelled: --overwrite deletes nothing --
+    Case("eval-ppl-task-inside-output", "eval --model {m} --tasks ppl:{o}/c.jsonl "
+         "--output {o} --overwrite --device cpu", ("holds the input", "--tasks"),
+         setup=_inputs_inside, output_kept=True),
+    Case("eval-ppl-raw-dotdot-inside-output", "eval --model {m} --tasks "
+         "ppl:raw:{o}/teacher/../c.jsonl --output {o} --overwrite", ("holds the input",),
+         setup=_inputs_inside, output_kept=True),
+    Case("eval-task-file-inside-output-dir", "eval --model {m} --task ppl_c={o}/c.jsonl "
+         "--tasks ppl_c --output {o} --overwrite", ("holds the input", "--task ppl_c"),
+         setup=_inputs_inside, output_kept=True),
+    Case("eval-output-link-holds-corpus", "eval --model {m} --tasks ppl:{o}/../elsewhere/c.jsonl "
+         "--output {o} --overwrite", ("holds the input",), setup=_link_to_inputs,
+         output_kept=True),
+    Case("run-corpus-inside-output", "run {cfg} --set output={o} --set "
+         "unlearn.settings.forget_corpora=[{o}/c.jsonl,{forget_cyber}] --overwrite",
+         ("holds the input", "unlearn.settings.forget_corpora"), setup=_inputs_inside,
+         output_kept=True),
+    Case("sweep-corpus-inside-output", "sweep {cfg} --grid alpha=10,100 --output {o} --set "
+         "unlearn.settings.retain_corpora=[raw:{o}/c.jsonl,{retain_b}] --overwrite",
+         ("holds the input", "unlearn.settings.retain_corpora"), setup=_inputs_inside,
+         output_kept=True),
+    Case("undo-teacher-inside-output", "unlearn undo --model {m} --output {o} --teacher "
+         "{o}/teacher --forget-corpora {forget_bio},{forget_cyber} --retain-corpora "
+         "{retain_a},{retain_b} --overwrite", ("holds the input", "--teacher"),
+         setup=_inputs_inside, output_kept=True),
+    Case("undo-distill-corpus-inside-output", "unlearn undo --model {m} --output {o} "
+         "--distill-corpora {o}/c.jsonl --forget-corpora {forget_bio},{forget_cyber} "
+         "--retain-corpora {retain_a},{retain_b} --overwrite",
+         ("holds the input", "--distill-corpora"), setup=_inputs_inside, output_kept=True),
+    Case("audit-raw-corpus-inside-output", "audit --model {m} --base {m} --data-dir {d} "
+         "--tasks sandbox_bio --attacks relearn --forget-corpora raw:{o}/c.jsonl "
+         "--retain-corpora {retain_a} --output {o} --overwrite",
+         ("holds the input", "--forget-corpora"), setup=_inputs_inside, output_kept=True),
+    Case("chat-judge-cache-in-model", CHAT + " --judge openai:j --judge-cache {m}/config.json",
+         ("judge cache lies inside the input", "--model")),
+    Case("chat-judge-cache-is-questions", CHAT + " --judge openai:j --questions {questions} "
+         "--judge-cache {questions}", ("judge cache is the input", "--questions")),
+    Case("chat-judge-hf-inside-output", CHAT + " --judge hf:{o}/teacher --overwrite",
+         ("holds the input", "--judge"), setup=_inputs_inside, output_kept=True),
+    # -- 22.4: data no reader can take -----------------------------------------------------
+    Case("deep-json-data", "eval --model {m} --task x={deep_json} --tasks x --output {o}",
+         ("{deep_json}", "nested too deeply")),
+    Case("deep-json-manifest", "eval --model {m} --data-dir {deep_dir} --tasks sandbox_bio "
+         "--output {o}", ("tasks.json", "nested too deeply")),
+    Case("deep-json-corpus", "unlearn rmu --preset sandbox --model {m} --output {o} "
+         "--forget-corpora {deep_jsonl},{forget_cyber} --retain-corpora {retain_a},{retain_b}",
+         ("{deep_jsonl}", "line 2", "nested too deeply")),
+    Case("deep-json-results", "compare {run_deep} --output {o}",
+         ("{run_deep}", "nested too deeply")),
+    Case("csv-field-over-limit", "eval --model {m} --task x={big_csv} --tasks x --output {o}",
+         ("{big_csv}", "field larger than field limit")),
+    # -- 22.5: a failure found late leaves the output as it was found ----------------------
+    Case("run-late-layer-id", "run {cfg} --set output={o} --set unlearn.settings.rmu.layer_id=99",
+         ("layer",), owner="pipeline/RMU"),
     # -- 3: NaN weights are never saved, NaN log-likelihoods never reported ---------------
     Case("unlearn-lr-1e30", UNLEARN + " --lr 1e30 --max-num-batches 1",
          ("nan|finite|inf",), owner="RMU/unlearning"),
@@ -302,7 +393,9 @@ def test_bad_input(case: Case, world, tmp_path, capsys, monkeypatch):
     argv = case.argv.format(**world, o=out).split()
     inputs = [Path(world[k]) for k in ("m", "d", "p", "nan_model", "latin1_jsonl", "latin1_mcq",
                                        "latin1_yaml", "latin1_questions", "run_ok",
-                                       "run_latin1", "run_types", "cfg", "tpl", "questions")]
+                                       "run_latin1", "run_types", "cfg", "tpl", "questions",
+                                       "deep_json", "deep_jsonl", "run_deep", "deep_dir",
+                                       "big_csv")]
     before = [_digest(p) for p in inputs]
     out_before = _digest(out) if out.exists() else None
     if case.subprocess:
