@@ -1,0 +1,136 @@
+"""Weight quantization: does rounding the weights bring the removed knowledge back?
+
+    wmdp audit --model UNLEARNED --base BASE --tasks wmdp_bio --attacks quantize --output DIR
+
+Zhang et al. (ICLR 2025) found that 4-bit post-training quantization brought "unlearned"
+knowledge from 21% back to 83% on MUSE: a method whose weight changes are smaller than the
+quantization step hides the knowledge in the low bits, and rounding throws the hiding away.
+Each model under audit (base, unlearned, and the oracle where there is one) is copied, the
+weights of its linear layers quantized weight-only by optimum-quanto (`qint8`, `qint4`:
+symmetric, per output channel for 8 bits, groups of 128 inputs for 4 bits; activations stay in
+the model's dtype; `exclude` keeps the LM head as quanto's own examples do), and the forget
+questions re-scored with the plain prompt, as the evaluator scores them. quanto runs on a CPU
+and on CUDA, so the sandbox and the `gpu` preset go through the same code.
+
+The width that recovers most is chosen on one half of the questions and reported on the other,
+halves swapped and pooled (`wmdp.stats.cross_fit_best`); the in-sample best is kept beside it.
+Every figure has a paired bootstrap interval over questions.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from wmdp.audit.common import AuditContext, recovered_fraction, recovery_entry
+from wmdp.errors import WmdpError
+from wmdp.scoring import Request, loglikelihoods
+from wmdp.stats import bootstrap_ci, cross_fit_best, share_ci
+from wmdp.tasks import build_prompt
+
+BITS = (8, 4)
+
+
+@dataclass
+class QuantizeConfig:
+    """Weight-only quantization settings."""
+
+    bits: list[int] = field(default_factory=lambda: list(BITS))  # widths tried (8 and/or 4)
+    exclude: list[str] = field(default_factory=lambda: ["lm_head"])  # modules kept as they are
+
+
+def quantized_copy(model: nn.Module, bits: int, exclude: list[str]) -> nn.Module:
+    """A copy of `model` whose linear weights are quantized to `bits` (weight-only)."""
+    try:  # an optional dependency (`pip install wmdp[quantize]`), imported where it is used
+        from optimum.quanto import freeze, qint4, qint8, quantize
+    except ImportError as e:
+        raise WmdpError("the quantize attack needs optimum-quanto: pip install "
+                        "'optimum-quanto>=0.2'") from e
+    if bits not in BITS:
+        raise WmdpError(f"quantize.bits: {bits} is not one of {', '.join(map(str, BITS))}")
+    q = copy.deepcopy(model)
+    quantize(q, weights={8: qint8, 4: qint4}[bits], exclude=exclude or None)
+    freeze(q)
+    return q.eval()
+
+
+def _correct(model: nn.Module, tokenizer: Any, requests: list[Request], answers: list[int],
+             ctx: AuditContext, role: str, label: str | bool) -> list[float]:
+    lls = loglikelihoods(model, tokenizer, requests, batch_size=ctx.batch_size,
+                         add_special_tokens=ctx.add_special_tokens(role), progress=label)
+    return [float(int(np.argmax(ll)) == a) for ll, a in zip(lls, answers)]
+
+
+def _chosen(scores: np.ndarray, fit: Any) -> np.ndarray:
+    """Per question, the correctness under the width chosen without it."""
+    a, b = (np.asarray(h, int) for h in fit.halves)
+    out = np.empty(scores.shape[1])
+    out[b] = scores[fit.choices[0], b]
+    out[a] = scores[fit.choices[1], a]
+    return out
+
+
+def quantize_task(ctx: AuditContext, name: str, config: QuantizeConfig,
+                  models: dict[str, dict[int, nn.Module]]) -> tuple[dict, dict]:
+    """(the task's figures, its recovery entry) for one audited task."""
+    task, items = ctx.tasks[name], ctx.items[name]
+    requests = [Request(c, tuple(k)) for c, k in (build_prompt(i, task, ctx.style) for i in items)]
+    answers = [i.answer for i in items]
+    correct = {role: np.array([_correct(models[role][b], ctx.subjects[role].tokenizer, requests,
+                                        answers, ctx, role,
+                                        ctx.progress and f"quantize {name} {b}-bit ({role})")
+                               for b in config.bits])
+               for role in ctx.subjects}
+    plain = {role: np.asarray(ctx.reference[role][name], float) for role in ctx.subjects}
+    out: dict = {"n": len(items), "bits": {}}
+    for k, b in enumerate(config.bits):
+        out["bits"][str(b)] = {role: {"acc": float(c[k].mean()),
+                                      "ci95": list(bootstrap_ci(c[k], seed=ctx.seed))}
+                               for role, c in correct.items()}
+    fits = {role: cross_fit_best(c, seed=ctx.seed) for role, c in correct.items()}
+    out["chosen"] = {role: {**fit.record(), "bits": [config.bits[i] for i in fit.choices],
+                            "in_sample_bits": config.bits[fit.in_sample_choice]}
+                     for role, fit in fits.items()}
+    attacked = {role: _chosen(correct[role], fit) for role, fit in fits.items()}
+    entry = recovery_entry(ctx, name, float(attacked["unlearned"].mean()),
+                           float(attacked["base"].mean()))
+    entry["attacked_in_sample"] = fits["unlearned"].in_sample
+    entry["attacked_ci95"] = list(bootstrap_ci(attacked["unlearned"], seed=ctx.seed))
+    entry["share_ci95"] = list(share_ci(attacked["unlearned"], plain["unlearned"], plain["base"],
+                                        seed=ctx.seed))
+    if "oracle" in ctx.subjects:
+        entry["oracle_plain"] = float(plain["oracle"].mean())
+        entry["oracle_attacked"] = float(attacked["oracle"].mean())
+        entry["oracle_share_ci95"] = list(share_ci(attacked["oracle"], plain["oracle"],
+                                                   plain["base"], seed=ctx.seed))
+    return out, entry
+
+
+def run_quantize(ctx: AuditContext, config: QuantizeConfig) -> dict:
+    """Every audited task under each width, for every model under audit."""
+    if not config.bits:
+        raise WmdpError("quantize.bits is empty: give 8, 4 or both")
+    models = {role: {b: quantized_copy(s.model, b, config.exclude) for b in config.bits}
+              for role, s in ctx.subjects.items()}
+    tasks, recovery = {}, {}
+    for name in ctx.tasks:
+        tasks[name], recovery[name] = quantize_task(ctx, name, config, models)
+    return {"bits": list(config.bits), "exclude": list(config.exclude), "tasks": tasks,
+            "recovery": recovery,
+            "selection": "the width chosen on one half of the questions and reported on the "
+                         "other, halves swapped and pooled (wmdp.stats.cross_fit_best)"}
+
+
+def quantize_text(fig: dict, result: dict) -> str:
+    """The verdict's sentence, from its pooled figures (`wmdp.audit.verdicts`)."""
+    u, b, a, ba = fig["unlearned"], fig["base"], fig["attacked"], fig["base_attacked"]
+    frac = recovered_fraction(a, u, b)
+    bits = ", ".join(f"{x}-bit" for x in result["bits"])
+    gap = "no gap to recover" if frac is None else f"{frac:.0%} of the gap recovered"
+    return (f"weight-only quantization ({bits}; the width chosen on other questions) moves the "
+            f"unlearned model from {u:.2f} to {a:.2f} (base {b:.2f}, quantized {ba:.2f}): {gap}. "
+            f"On all {fig['n']} questions, each reported under a width chosen without it.")
