@@ -5,7 +5,10 @@
     layers = decoder_layers(model)                      # nn.ModuleList of decoder blocks
     t = mlp_out_tensor(model, 7)                        # the MLP down-projection of layer 7
 
-Weights load from safetensors only; `trust_remote_code` is off unless asked for.
+Weights load from safetensors only; `trust_remote_code` is off unless asked for. A checkpoint
+whose tensors are not exactly the model's (one missing, renamed, extra or of another shape) is an
+error naming them, unless `allow_mismatched_weights` (then transformers initialises the missing
+ones at random, as it would by default).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from wmdp.checkpoint import checkpoint_tensors, one_line
 from wmdp.errors import WmdpError
-from wmdp.model_spec import ModelSpec  # noqa: F401 - re-exported: the configs' model part
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float32": torch.float32}
@@ -158,13 +161,25 @@ def input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(device: str) -> str:
+    """`device` made concrete: auto is the GPU when there is one (torchrun: its rank's)."""
     if device in ("auto", "cuda") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in DEVICE_TYPES:
+        raise WmdpError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise WmdpError(f"device {device!r} asked for, but no CUDA device is available")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise WmdpError(f"device {device!r} asked for, but MPS is not available")
     return device
 
 
@@ -198,33 +213,81 @@ def load_tokenizer(name_or_path: str, revision: str | None = None,
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision,
                                              trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many types; show one line
-        raise WmdpError(f"{name_or_path}: cannot load tokenizer: {_one_line(e)}") from e
+        raise load_error(name_or_path, "tokenizer", e) from e
 
 
 def load_model(name_or_path: str | Path, *, revision: str | None = None, dtype: str = "auto",
                device: str = "auto", device_map: str | None = None,
-               trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer from a hub id or a local directory, in eval mode."""
+               trust_remote_code: bool = False,
+               allow_mismatched_weights: bool = False) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a hub id or a local directory, in eval mode.
+
+    A local checkpoint's files are checked first (`wmdp.checkpoint`); then every tensor of the
+    model must come from the checkpoint with its shape, and every checkpoint tensor must be the
+    model's, unless `allow_mismatched_weights`.
+    """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     if dtype not in DTYPES:
         raise WmdpError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     name = check_model_source(name_or_path)
+    target = resolve_device(device) if not device_map else None
+    if Path(name).is_dir():
+        checkpoint_tensors(Path(name))  # truncated or malformed files, before transformers
     kwargs: dict[str, Any] = dict(revision=revision, dtype=DTYPES[dtype], use_safetensors=True,
-                                  trust_remote_code=trust_remote_code)
+                                  trust_remote_code=trust_remote_code, output_loading_info=True,
+                                  ignore_mismatched_sizes=True)  # mismatches: ours to report
     if device_map:
         kwargs["device_map"] = device_map
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the load report: what it says is checked below
+    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise WmdpError(f"{name}: cannot load model: {_one_line(e)}") from e
-    if not device_map:
-        model.to(resolve_device(device))
+        model, info = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; show one line
+        raise load_error(name, "model", e) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if not allow_mismatched_weights:
+        check_loading_info(name, info)
+    if target is not None:
+        model.to(target)
     model.eval()
     tokenizer = load_tokenizer(name, revision, trust_remote_code)
     return model, tokenizer
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+def load_error(name: str | Path, what: str, e: BaseException) -> WmdpError:
+    """A loader's exception as one line; a config that needs the model's own code says how to
+    allow it (transformers' message runs over several lines)."""
+    if "trust_remote_code" in str(e):
+        return WmdpError(f"{name}: the model needs code shipped with it to load; pass "
+                         "--trust-remote-code (trust_remote_code: true) if you trust its source")
+    return WmdpError(f"{name}: cannot load {what}: {one_line(e)}")
+
+
+def check_loading_info(name: str, info: dict) -> None:
+    """transformers' loading info (`output_loading_info=True`) as one error, naming the tensors
+    the checkpoint lacks, has beyond the model, or holds in another shape."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the checkpoint"),
+                      ("unexpected_keys", "in the checkpoint but not in the model")):
+        names = sorted(info.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} {what} ({_some(names)})")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        shapes = [f"{n} {list(ckpt)} vs the model's {list(model)}" for n, ckpt, model in mismatched]
+        problems.append(f"{len(mismatched)} of another shape ({_some(shapes)})")
+    if problems:
+        raise WmdpError(f"{name}: the checkpoint's tensors do not match the model its config "
+                        f"describes: {'; '.join(problems)}; set allow_mismatched_weights to "
+                        "load it anyway (mismatched tensors are then random)")
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -27,6 +27,7 @@ The input directory is never written to.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from wmdp.checkpoint import INDEX, checkpoint_tensors, one_line, read_header, weight_map
 from wmdp.errors import WmdpError
-from wmdp.models import DTYPES, _one_line, arch_of, check_model_source, load_tokenizer, \
-    resolve_device
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+from wmdp.models import DTYPES, arch_of, check_loading_info, check_model_source, load_error, \
+    load_tokenizer, resolve_device
 
 
 @dataclass
@@ -64,13 +63,6 @@ class PrefixPlan:
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_header(path: Path) -> tuple[int, dict]:
-    """(where the data starts, the header) of a safetensors file."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return 8 + n, json.loads(f.read(n))
 
 
 def map_shard(path: Path) -> np.ndarray | None:
@@ -111,27 +103,15 @@ def local_snapshot(name_or_path: str, revision: str | None) -> Path:
         return Path(snapshot_download(name, revision=revision, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]))
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo alike
-        raise WmdpError(f"{name}: cannot download the model files: {_one_line(e)}") from e
+        raise WmdpError(f"{name}: cannot download the model files: {one_line(e)}") from e
 
 
-def weight_map(source: Path) -> dict[str, str]:
-    if (source / INDEX).is_file():
-        return dict(json.loads((source / INDEX).read_text())["weight_map"])
-    if (source / SINGLE).is_file():
-        return {k: SINGLE for k in read_header(source / SINGLE)[1] if k != "__metadata__"}
-    raise WmdpError(f"{source}: no {SINGLE} or {INDEX}")
-
-
-def prefix_unavailable(source: Path, layer_id: int) -> str | None:
+def prefix_unavailable(source: Path, layer_id: int,
+                       trust_remote_code: bool = False) -> str | None:
     """Why the prefix path cannot load this checkpoint (None: it can). The checkpoint's tensor
     names must be the model's own (transformers 5 renames some on load, e.g. Mixtral's
     per-expert tensors, which then need the full path)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(source)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    config, model = _empty_model(source, trust_remote_code)
     names = set(weight_map(source))
     missing = [n for n in _needed(model, layer_id)
                if not all(c in names for c in checkpoint_names(config, n))]
@@ -139,6 +119,52 @@ def prefix_unavailable(source: Path, layer_id: int) -> str | None:
         return (f"{len(missing)} tensors the model names are not in the checkpoint under those "
                 f"names (e.g. {missing[0]}): loaded whole")
     return None
+
+
+def _empty_model(source: Path, trust_remote_code: bool,
+                 dtype: torch.dtype | None = None) -> tuple[Any, nn.Module]:
+    """The config and the model skeleton on the meta device (buffers such as rotary frequencies
+    are built for real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=trust_remote_code,
+                dtype=dtype or _checkpoint_dtype(config))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; show one line
+        raise load_error(source, "model", e) from e
+    return config, model
+
+
+def check_prefix_weights(model: nn.Module, config: Any, source: Path, layer_id: int) -> None:
+    """The checkpoint holds the model's tensors, in their shapes: what the full loader checks
+    through transformers' loading info, here from the shards' headers, for what the prefix path
+    owns: every decoder block's tensors (a block renamed, missing or beyond the config's layer
+    count) and the tensors it reads. Outside the blocks transformers renames some on load
+    (GPT-NeoX's embed_out is lm_head); the head is never read here, and is copied as it is."""
+    tensors = checkpoint_tensors(source)
+    blocks = arch_of(model).layers + "."
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    needed = set(_needed(model, layer_id))
+    expected: set[str] = set()
+    missing, mismatched = set(), set()
+    for name, value in model.state_dict().items():
+        sources = checkpoint_names(config, name)
+        expected.update(sources)
+        absent = [c for c in sources if c not in tensors]
+        if absent and name not in tied and (name.startswith(blocks) or name in needed):
+            missing.update(absent)
+        elif len(sources) == 1 and not absent and list(value.shape) != tensors[sources[0]][1]:
+            mismatched.add((sources[0], tuple(tensors[sources[0]][1]), tuple(value.shape)))
+    ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or ())]
+    ignored.append(re.compile(r"rotary_emb\.inv_freq|(^|\.)position_ids$"))
+    unexpected = {n for n in tensors if n.startswith(blocks) and n not in expected
+                  and not any(p.search(n) for p in ignored)}
+    check_loading_info(str(source), {"missing_keys": missing, "unexpected_keys": unexpected,
+                                     "mismatched_keys": mismatched})
 
 
 def checkpoint_names(config: Any, name: str) -> list[str]:
@@ -212,26 +238,23 @@ def _is_input_side(model: nn.Module, name: str) -> bool:
 
 
 def load_prefix(name_or_path: str, layer_id: int, *, revision: str | None = None,
-                dtype: str = "auto", device: str = "auto",
-                trust_remote_code: bool = False) -> tuple[nn.Module, Any, PrefixPlan]:
-    """The model with blocks 0..layer_id (and embeddings) loaded, the rest on meta."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+                dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+                allow_mismatched_weights: bool = False) -> tuple[nn.Module, Any, PrefixPlan]:
+    """The model with blocks 0..layer_id (and embeddings) loaded, the rest on meta; the
+    checkpoint must hold exactly the model's tensors unless `allow_mismatched_weights`."""
     if dtype not in DTYPES:
         raise WmdpError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    dev = resolve_device(device)
     source = local_snapshot(str(name_or_path), revision)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     target = DTYPES[dtype] if dtype != "auto" else None
-    with init_empty_weights():  # buffers (rotary frequencies) are built for real
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                 dtype=target or _checkpoint_dtype(config))
+    config, model = _empty_model(source, trust_remote_code, target)
+    if not allow_mismatched_weights:  # first: a config that miscounts the layers says so
+        check_prefix_weights(model, config, source, layer_id)
     layers = model.get_submodule(arch_of(model).layers)
     if not 0 <= layer_id < len(layers):
         raise WmdpError(f"layer_id {layer_id} out of range: the model has {len(layers)} layers")
     plan = PrefixPlan(source, layer_id, weight_map(source), target)
     needed = _needed(model, layer_id)
-    dev = resolve_device(device)
     _read_prefix(model, config, plan, needed, dev)
     _move_buffers(model, dev)
     del layers[layer_id + 1:]  # never run; their meta tensors need no memory either way
