@@ -49,7 +49,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     ("eval.batch_size=-4", "eval.batch_size is '-4', expected a positive integer or auto"),
     ("unlearn.settings.max_num_batches=0", "unlearn.settings.max_num_batches is 0"),
     ("unlearn.settings.rmu.alpha=[1,2,3]", "alpha has 3 values for 2 forget corpora"),
-    ("unlearn.settings.rmu.lr=.nan", "unlearn.settings.rmu.lr is nan, expected a positive number"),
+    ("unlearn.settings.rmu.lr=.nan", "rmu.lr is nan, expected a finite number"),
     ("sandbox.preset=tiny", "sandbox preset 'tiny' is not one of"),
 ])
 def test_run_input_errors_stop_before_anything_is_written(override, expected, tmp_path, capsys,

@@ -4,12 +4,20 @@
 
 Nested dataclasses map to nested YAML sections; an override names its path with dots.
 Values of overrides are parsed as YAML (`3` is an int, `[5, 6]` a list, `null` None).
+
+Numbers are checked where they enter, in every config alike: a float is finite and not negative
+(a weight, rate, radius or temperature; a field that may be negative says so with
+`field(metadata={SIGNED: True})`), and an integer key of a name in `INT_MINIMUM` is at least its
+minimum (a key means the same in every config: `limit` in eval, audit, chat and run).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,25 +30,66 @@ from wmdp.io import read_text
 
 T = TypeVar("T")
 OPEN = "any key"  # a schema entry whose keys are free (a NAME: PATH mapping, chat settings)
+SIGNED = "signed"  # field metadata: this float field may be negative
+MAX_YAML_VALUES = 100_000  # values a YAML document may expand to through its aliases
+
+# Integer keys with a lower bound wherever they appear: `limit` (first N questions; 0 would
+# silently mean all), RMU's `frozen_forget_every` (steps between frozen passes; 0: never).
+INT_MINIMUM = {"limit": 1, "frozen_forget_every": 0}
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2's numbers: `1e-4` is a float (PyYAML's 1.1 rules read a string)."""
+    """YAML with YAML 1.2's numbers: `1e-4` is a float (PyYAML's 1.1 rules read a string), and
+    no key twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overrides: allowed
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    __import__("re").compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |\.[0-9_]+(?:[eE][-+][0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", __import__("re").X),
+    |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
 
 
 def yaml_load(text: str) -> Any:
-    """Parse YAML text (safe: no objects), numbers as YAML 1.2 reads them."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    """Parse YAML text (safe: no objects), numbers as YAML 1.2 reads them. Aliases may not
+    refer to themselves, nor expand the document past MAX_YAML_VALUES values ("billion
+    laughs": a few lines of aliases to aliases), which raises yaml.YAMLError."""
+    data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    _check_expansion(data)
+    return data
+
+
+def _check_expansion(data: Any) -> None:
+    """Walk `data` as if its shared (aliased) parts were copies, within a budget of values."""
+    count = 0
+    stack: list[tuple[Any, tuple[int, ...]]] = [(data, ())]  # (value, ids of its containers)
+    while stack:
+        value, above = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise yaml.YAMLError(f"it expands to more than {MAX_YAML_VALUES:,} values through "
+                                 "its aliases")
+        if isinstance(value, (dict, list)):
+            if id(value) in above:
+                raise yaml.YAMLError("an alias refers to a node that contains it (recursive)")
+            inner = above + (id(value),)
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, inner) for v in items)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -52,7 +101,8 @@ def load_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
-        raise WmdpError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise WmdpError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") \
+            from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -62,8 +112,6 @@ def load_yaml(path: str | Path) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """`a.b=value` strings applied onto a nested dict (a copy)."""
-    import copy
-
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -72,7 +120,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            value = raw
+            value = raw  # not YAML: the text itself (a string field takes it as it is)
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
@@ -93,7 +141,25 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     if unknown:
         raise unknown_name("key", unknown[0], fields, where)
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    config = cls(**kwargs)  # its own checks (__post_init__) first: their messages are finer
+    for name, value in kwargs.items():
+        _check_range(fields[name], value, f"{where}.{name}")
+    return config
+
+
+def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
+    """The numbers of one field (a number, or a list of them) against the rules above."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise WmdpError(f"{where} is {v}, expected a finite number")
+            if v < 0 and not f.metadata.get(SIGNED):
+                raise WmdpError(f"{where} is {v}, expected 0 or more")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            least = INT_MINIMUM.get(f.name)
+            if least is not None and v < least:
+                raise WmdpError(f"{where} is {v}, expected at least {least}")
 
 
 def unknown_name(what: str, name: str, known: Iterable[str], where: str = "") -> WmdpError:
@@ -190,7 +256,6 @@ def cli_flags(parser: Any, cls: type, dest_prefix: str = "", skip: tuple[str, ..
 def field_comments(cls: type) -> dict[str, str]:
     """The `# comment` after each field in the dataclass's source: the help text of its flag."""
     import inspect
-    import re
 
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):  # a subclass's comment wins (ModelSpec's fields)
