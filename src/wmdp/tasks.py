@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import string
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -212,10 +213,13 @@ class Registry:
               task_files: dict[str, str] | None = None, fmt: str | None = None,
               data_revision: str | None = None) -> Registry:
         """`data_revision` pins the hub revision (branch, tag, commit) of every hub question
-        set (WMDP shrank from 4,157 to 3,668 questions in April 2024)."""
+        set, or with `DATASET@REV` (`cais/wmdp@8b85378...`) of that dataset's only (WMDP shrank
+        from 4,157 to 3,668 questions in April 2024)."""
         reg = cls()
         if data_revision is not None:
-            reg.tasks = {n: replace(t, revision=data_revision) if t.hub is not None else t
+            only, at, revision = data_revision.rpartition("@")
+            reg.tasks = {n: replace(t, revision=revision)
+                         if t.hub is not None and (not at or t.hub[0] == only) else t
                          for n, t in reg.tasks.items()}
         if data_dir is not None:
             reg.add_data_dir(Path(data_dir))
@@ -251,16 +255,20 @@ class Registry:
                 self.tasks[name] = replace(task, path=found, hub=None, corpus=None)
 
     def _add_manifest(self, manifest: Path) -> None:
-        try:
-            spec = json.loads(read_text(manifest))
-        except json.JSONDecodeError as e:
-            raise WmdpError(f"{manifest} line {e.lineno}: invalid JSON ({e.msg})") from None
+        spec = read_manifest(manifest)
         allowed = {"file", "topic", "format", "description", "cloze_template", "kind", "corpus"}
-        for name, t in spec.get("tasks", {}).items():
+        for name, t in spec["tasks"].items():
             where = f'{manifest}: task "{name}"'
+            if not isinstance(t, dict):
+                raise WmdpError(f"{where}: expected an object of fields, found a JSON "
+                                f"{_json_type(t)}")
             unknown = set(t) - allowed
             if unknown:
                 raise WmdpError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+            wrong = sorted(k for k, v in t.items() if not isinstance(v, str))
+            if wrong:
+                raise WmdpError(f'{where}: field "{wrong[0]}" is {t[wrong[0]]!r}, expected a '
+                                "string")
             kind = t.get("kind", "mcq")
             if kind not in TASK_KINDS:
                 raise WmdpError(f'{where}: field "kind" is {kind!r}, expected one of '
@@ -275,13 +283,26 @@ class Registry:
             if fmt not in TASK_FORMATS:
                 raise WmdpError(f'{manifest}: task "{name}": field "format" is {fmt!r}, '
                                 f"expected one of {', '.join(TASK_FORMATS)}")
+            template = t.get("cloze_template", Task.cloze_template)
+            check_cloze_template(template, where)
             self.tasks[name] = Task(name, t.get("topic", name.replace("_", " ")),
                                     path=manifest.parent / t["file"], format=fmt,
                                     description=t.get("description"),
-                                    cloze_template=t.get("cloze_template",
-                                                         Task.cloze_template))
-        for name, members in spec.get("groups", {}).items():
+                                    cloze_template=template)
+        for name, members in spec["groups"].items():
+            if not (isinstance(members, list) and all(isinstance(m, str) for m in members)):
+                raise WmdpError(f'{manifest}: group "{name}": expected a list of task names')
             self.groups[name] = list(members)
+        for name in spec["groups"]:
+            self._check_acyclic(name, (), manifest)
+
+    def _check_acyclic(self, name: str, path: tuple[str, ...], manifest: Path) -> None:
+        """No group contains itself, through any chain of groups."""
+        if name in path:
+            chain = " -> ".join((*path[path.index(name):], name))
+            raise WmdpError(f"{manifest}: groups form a cycle ({chain})")
+        for member in self.groups.get(name, ()):
+            self._check_acyclic(member, (*path, name), manifest)
 
     def expand(self, names: list[str]) -> list[str]:
         """Task and group names to the ordered, de-duplicated list of tasks to run."""
@@ -321,6 +342,54 @@ class Registry:
         done = set(tasks)
         return {g: members for g, members in self.groups.items()
                 if all(t in done for t in self._leaves(g))}
+
+
+def read_manifest(manifest: Path) -> dict:
+    """A data directory's `tasks.json`: an object with a "tasks" and a "groups" object, no key
+    given twice (JSON keeps the last of a duplicate silently)."""
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        seen: dict = {}
+        for key, value in pairs:
+            if key in seen:
+                raise WmdpError(f"{manifest}: key {key!r} is given twice in one object")
+            seen[key] = value
+        return seen
+
+    try:
+        spec = json.loads(read_text(manifest), object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise WmdpError(f"{manifest} line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(spec, dict):
+        raise WmdpError(f'{manifest}: expected an object with "tasks" and "groups", found '
+                        f"a JSON {_json_type(spec)}")
+    unknown = sorted(set(spec) - {"tasks", "groups"})
+    if unknown:
+        raise WmdpError(f'{manifest}: unknown key {unknown[0]!r} (known: tasks, groups)')
+    for key in ("tasks", "groups"):
+        spec.setdefault(key, {})
+        if not isinstance(spec[key], dict):
+            raise WmdpError(f'{manifest}: "{key}" is a JSON {_json_type(spec[key])}, expected '
+                            "an object of names")
+    return spec
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def check_cloze_template(template: str, where: str) -> None:
+    """A cloze template names only the field `{question}` (str.format's syntax; `{{` for a
+    brace)."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise WmdpError(f'{where}: field "cloze_template" is not a format string ({e})') from None
+    bad = [f for f in names if f != "question"]
+    if bad:
+        raise WmdpError(f'{where}: field "cloze_template" names {{{bad[0]}}}; the only field '
+                        "is {question} (write {{ and }} for braces)")
 
 
 def _manifest_corpus_task(name: str, t: dict, root: Path, where: str) -> Task:
