@@ -73,6 +73,18 @@ _NUMBERS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "tokens", P
             "byte_perplexity", "bits_per_byte", "token_perplexity")
 
 
+# (least, most, what): every number is finite; accuracies are shares, counts at least one
+_FINITE = (0.0, math.inf, "a finite number >= 0")
+_RANGES = {"acc": (0.0, 1.0, "an accuracy from 0 to 1"),
+           "acc_norm": (0.0, 1.0, "an accuracy from 0 to 1"),
+           "n": (1, math.inf, "a count of at least 1 question")}
+
+
+def _in_range(key: str, value: float) -> bool:
+    least, most, _ = _RANGES.get(key, _FINITE)
+    return math.isfinite(value) and least <= value <= most
+
+
 def _check_types(path: Path, data: dict) -> None:
     """Every field the table reads has its type; else one line naming the file and field."""
     for part in ("results", "groups"):
@@ -82,12 +94,20 @@ def _check_types(path: Path, data: dict) -> None:
             if not isinstance(entry, dict):
                 raise DataError(path, f"is {type(entry).__name__}, expected a mapping of metrics",
                                 field=f"{part}.{name}")
+            if not any(entry.get(key) is not None for key in _NUMBERS):
+                raise DataError(path, f"holds no metric (expected {', '.join(_NUMBERS[:3])}, "
+                                "...)", field=f"{part}.{name}")
             for key in _NUMBERS:
                 value = entry.get(key)
                 if value is not None and (isinstance(value, bool)
                                           or not isinstance(value, (int, float))):
                     raise DataError(path, f"is {value!r:.40}, expected a number",
                                     field=f"{part}.{name}.{key}")
+                if value is not None and not _in_range(key, value):
+                    raise DataError(path, f"is {value}, expected {_RANGES.get(key, _FINITE)[2]}",
+                                    field=f"{part}.{name}.{key}")
+    if not data["results"]:
+        raise DataError(path, "holds no task", field="results")
     if not isinstance(data.get("config", {}), dict):
         raise DataError(path, "is not a mapping", field="config")
 
