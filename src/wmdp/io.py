@@ -55,6 +55,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def give_umask_mode(directory: str | Path) -> None:
+    """Give every file in `directory` (not below) the mode `open()` gives under the umask:
+    safetensors writes weights 0600 whatever the umask, which a colleague cannot read."""
+    mode = 0o666 & ~umask()
+    for f in Path(directory).iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
