@@ -846,6 +846,24 @@ def test_probe_with_too_few_folds_to_choose_a_layer_is_refused_before_anything_r
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("attack,override,message", [
+    ("relearn", "relearn.lr=0", r"relearn.lr is 0.0, expected a positive learning rate"),
+    ("relearn", "relearn.lr_schedule=cosine",
+     r"relearn.lr_schedule is 'cosine', expected constant or linear"),
+    ("relearn", "relearn.batch_size=0", r"relearn.batch_size is 0, expected a positive integer"),
+    ("protocol", "protocol.lrs=[1e-3,0.0]",
+     r"protocol.lrs is 0.0, expected a positive learning rate"),
+    ("protocol", "protocol.warmup_ratio=2.0",
+     r"protocol.warmup_ratio is 2.0, expected a fraction"),
+])
+def test_bad_fine_tuning_settings_are_refused_before_anything_runs(tiny_pair, tmp_path, attack,
+                                                                   override, message):
+    args = {**_audit_args(tiny_pair, tmp_path, tmp_path / "out"), "attacks": [attack]}
+    with pytest.raises(WmdpError, match=message):
+        run_audit(audit_config(settings=args, overrides=[override]), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_settings_layer_preset_file_flags_and_overrides(tmp_path):
     cfg_file = tmp_path / "audit.yaml"
     cfg_file.write_text("seed: 3\ngcg: {steps: 7}\nrelearn: {lr: 1e-4}\n")
