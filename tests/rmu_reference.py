@@ -16,11 +16,17 @@ reference's, not wmdp's:
 
 What the test supplies from wmdp's side, and says so: the control vectors (wmdp draws them from
 its own seeded generator, a documented difference from the reference's global RNG).
-Tests compare the engine with it; the speed benchmark times the engine against it.
+Tests compare the engine with it; the speed benchmark times the engine against it. It runs under
+the installed transformers, so it shares wmdp's assumptions about what the model does with
+padding: it checks the procedure (inputs, schedule, loss, optimizer), not fidelity at the pads.
+Fidelity to the reference as it ran is checked against the golden file the reference's own code
+wrote under transformers 4.38.2 (tests/fixtures/rmu_golden; `init_weights` below builds its
+tiny model).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -91,8 +97,11 @@ def reference_get_data(paths: list[Path], min_len: int, batch_size: int) -> list
 
 
 def reference_run_rmu(updated, frozen, tokenizer, forget_data, retain_data, *, params_of,
-                      module_of, control_vecs, alpha, lr, max_num_batches, mask_padding=False):
-    """`run_rmu`'s loop. Returns (per-step [forget_loss, retain_loss], updated model)."""
+                      module_of, control_vecs, alpha, lr, max_num_batches, mask_padding=False,
+                      attention_mask_of=None):
+    """`run_rmu`'s loop. Returns (per-step [forget_loss, retain_loss], updated model).
+    `attention_mask_of(mask_2d)`, if given, is what the model gets as its attention mask (the
+    loss still masks with the 2D one where `mask_padding`)."""
     updated.train()
     params = [p for layer_params in params_of(updated) for p in layer_params]
     opt = NaiveLegacyAdamW(params, lr)
@@ -110,12 +119,12 @@ def reference_run_rmu(updated, frozen, tokenizer, forget_data, retain_data, *, p
         topic, b = idx % len(forget_data), idx // len(forget_data)
         f_in = tokenizer(forget_data[topic][b], return_tensors="pt", padding=True,
                          truncation=True, max_length=512 if topic == 0 else 768)
-        h_f = forward_with_cache(updated, f_in, up_mod, no_grad=False)
+        h_f = forward_with_cache(updated, _masked(f_in, attention_mask_of), up_mod, no_grad=False)
         forget_loss = mse(h_f, control_vecs[topic], f_in["attention_mask"])
         r_in = tokenizer(retain_data[topic][b], return_tensors="pt", padding=True,
                          truncation=True, max_length=512)
-        h_r = forward_with_cache(updated, r_in, up_mod, no_grad=False)
-        h_r0 = forward_with_cache(frozen, r_in, fr_mod, no_grad=True)
+        h_r = forward_with_cache(updated, _masked(r_in, attention_mask_of), up_mod, no_grad=False)
+        h_r0 = forward_with_cache(frozen, _masked(r_in, attention_mask_of), fr_mod, no_grad=True)
         retain_loss = mse(h_r, h_r0, r_in["attention_mask"]) * alpha[topic]
         loss = forget_loss + retain_loss
         opt.zero_grad()
@@ -123,6 +132,12 @@ def reference_run_rmu(updated, frozen, tokenizer, forget_data, retain_data, *, p
         opt.step()
         losses.append([forget_loss.item(), retain_loss.item()])
     return losses, updated
+
+
+def _masked(inputs, attention_mask_of):
+    if attention_mask_of is None:
+        return inputs
+    return {**inputs, "attention_mask": attention_mask_of(inputs["attention_mask"])}
 
 
 def seeded_control_vecs(seed: int, hidden: int, coeffs: list[float], dtype=torch.float32):
@@ -138,7 +153,7 @@ def seeded_control_vecs(seed: int, hidden: int, coeffs: list[float], dtype=torch
 
 def naive_rmu(updated, frozen, tokenizer, layers_of, mlp_out_of, forget, retain, *, layer_id,
               layer_ids, steering_coeffs, alpha, lr, batch_size, max_num_batches, seed,
-              mask_padding=False):
+              mask_padding=False, attention_mask_of=None):
     """The reference procedure on in-memory texts (for the speed benchmark and the engine's
     arithmetic test): the caller's tokenizer gets the reference's settings."""
     tokenizer.pad_token_id = tokenizer.eos_token_id
@@ -151,4 +166,25 @@ def naive_rmu(updated, frozen, tokenizer, layers_of, mlp_out_of, forget, retain,
         module_of=lambda m: layers_of(m)[layer_id],
         control_vecs=seeded_control_vecs(seed, updated.config.hidden_size, steering_coeffs,
                                          next(updated.parameters()).dtype),
-        alpha=alpha, lr=lr, max_num_batches=max_num_batches, mask_padding=mask_padding)
+        alpha=alpha, lr=lr, max_num_batches=max_num_batches, mask_padding=mask_padding,
+        attention_mask_of=attention_mask_of)
+
+
+def init_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """The golden run's tiny model (scripts/rmu_reference_golden.py): every parameter from one
+    seeded generator in sorted-name order: norms 1, embeddings N(0, 1), every other matrix
+    N(0, 0.05^2). The same under any transformers version that names the parameters alike."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                std = 1.0 if "embed_tokens" in name else 0.05
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def weight_hashes(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The first 16 hex digits of each tensor's float32 bytes' sha256."""
+    return {k: hashlib.sha256(v.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+            for k, v in sorted(state.items())}

@@ -16,7 +16,7 @@ from rmu_reference import naive_rmu
 from wmdp.data.corpus import Corpus
 from wmdp.errors import WmdpError
 from wmdp.models import TrainedTensor, decoder_layers, mlp_out_tensor
-from wmdp.unlearn.batches import TopicBatches
+from wmdp.unlearn.batches import TopicBatches, sdpa_mask_4_38
 from wmdp.unlearn.loop import unlearn_model
 from wmdp.unlearn.optim import LegacyAdamW
 from wmdp.unlearn.rmu import RMU, RMUConfig
@@ -34,12 +34,41 @@ def _load(path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-CASES = [("llama", MISTRAL_TOK, False), ("llama", MISTRAL_TOK, True),
-         ("gpt_neox", GPT2_TOK, False)]
+def test_sdpa_mask_4_38_by_hand():
+    """transformers 4.38.2's masks for three rows: left-padded by 2, unpadded, all padding (a
+    text with no token), written out by hand (1 = attends, 0 = finfo.min)."""
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
+    causal = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    everything = [[1, 1, 1, 1]] * 4
+    left = [[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 0], [0, 0, 1, 1]]  # rows 0-1: see everything
+    none = [[0, 0, 0, 0]] * 4
+    lowest = torch.finfo(torch.float32).min
+    for rule, empty in (("before_first_real", none), ("fully_masked", everything)):
+        got = sdpa_mask_4_38(mask, torch.float32, rule)
+        assert got.shape == (3, 1, 4, 4) and got.dtype == torch.float32
+        want = torch.tensor([left, causal, empty], dtype=torch.float32)[:, None]
+        assert torch.equal(got == 0, want == 1), rule
+        assert torch.equal(got[want == 0], torch.full_like(got[want == 0], lowest)), rule
+    unpadded = torch.ones(2, 3, dtype=torch.long)  # 4.38.2's mistral path: no mask, is_causal
+    assert sdpa_mask_4_38(unpadded, torch.float32, "before_first_real") is unpadded
+    got = sdpa_mask_4_38(unpadded, torch.bfloat16, "fully_masked")  # llama: always 4D
+    assert got.dtype == torch.bfloat16 and torch.equal(got[0, 0] == 0, torch.tensor(causal[:3])[:, :3] == 1)
 
 
-@pytest.mark.parametrize("arch,tok_dir,mask", CASES, ids=["llama", "llama-masked", "gpt_neox"])
-def test_engine_equals_naive_reference(tmp_path, arch, tok_dir, mask):
+CASES = [("llama", MISTRAL_TOK, "faithful"), ("llama", MISTRAL_TOK, "clean"),
+         ("gpt_neox", GPT2_TOK, "faithful")]
+
+
+@pytest.mark.parametrize("arch,tok_dir,pads", CASES, ids=["llama", "llama-clean", "gpt_neox"])
+def test_engine_equals_naive_reference(tmp_path, arch, tok_dir, pads):
+    """The engine (truncated forwards, one model copy, replayed spans) against full forwards of
+    two model copies. Faithful llama: both sides give the model transformers 4.38.2's mask (the
+    naive side builds it the same way: this checks the plumbing; the golden test in
+    test_rmu_reference.py checks the mask against the reference). gpt_neox has no encoded
+    4.38.2 rule: faithful falls back to the 2D mask there."""
+    mask = pads == "clean"
+    rule = "fully_masked" if (arch, pads) == ("llama", "faithful") else None
+    mask_of = (lambda m: sdpa_mask_4_38(m, torch.float32, rule)) if rule else None
     path = save_tiny_model(tmp_path / arch, arch, tok_dir, layers=4)
     forget = [texts(24, 1), texts(24, 2)]
     retain = [texts(24, 3), texts(24, 4)]
@@ -47,7 +76,7 @@ def test_engine_equals_naive_reference(tmp_path, arch, tok_dir, mask):
               lr=1e-3)
 
     model, tok = _load(path)
-    cfg = RMUConfig(**hp, mask_padding=mask, frozen_forget_every=2)
+    cfg = RMUConfig(**hp, pads=pads, frozen_forget_every=2)
     schedule = TopicBatches([Corpus("f0", forget[0], "t"), Corpus("f1", forget[1], "t")],
                             [Corpus("r0", retain[0], "t"), Corpus("r1", retain[1], "t")],
                             batch_size=3, max_num_batches=7)
@@ -57,7 +86,8 @@ def test_engine_equals_naive_reference(tmp_path, arch, tok_dir, mask):
     frozen, _ = _load(path)
     ref_losses, ref_model = naive_rmu(
         updated, frozen, tok2, decoder_layers, lambda m, i: mlp_out_tensor(m, i).param,
-        forget, retain, batch_size=3, max_num_batches=7, seed=42, mask_padding=mask, **hp)
+        forget, retain, batch_size=3, max_num_batches=7, seed=42, mask_padding=mask,
+        attention_mask_of=mask_of, **hp)
 
     assert len(history) == len(ref_losses) == 7
     for row, (f, r) in zip(history, ref_losses):

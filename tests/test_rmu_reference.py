@@ -1,11 +1,19 @@
-"""`wmdp unlearn rmu` against the reference procedure (tests/rmu_reference.py, encoded from the
-published code's input pipeline), end to end from corpus files, on padded mixed-length batches.
+"""`wmdp unlearn rmu` against the reference.
 
-What is equal to what: per-step forget and retain losses (rel 1e-4) and every weight after 20
-steps (max |ours - reference| <= 1e-4 x max |reference|, and the update itself within 1e-4
-relative), float32, for tokenizers configured to pad right, to pad left, and with a pad token of
-their own; wmdp reads `bio-forget-corpus.jsonl` decoded and every other corpus with `raw:`.
-The control vectors are the one input both sides take from wmdp (rmu_reference.py says why).
+1. Against the reference's own code as it ran (the golden file tests/fixtures/rmu_golden, written
+   by rmu/unlearn.py at bc5e1ba under transformers 4.38.2: scripts/rmu_reference_golden.sh):
+   with `pads: faithful` (the default), per-step forget and retain MSE within 1e-4 relative and
+   the trained weights after 20 steps within 1e-4 relative, float32, tiny Mistral, the real
+   Mistral tokenizer, mixed-length batches padded left with EOS. The one shared input: the
+   control vectors the reference drew (rmu.control_vectors).
+2. Against the reference procedure re-encoded (tests/rmu_reference.py) under the installed
+   transformers, end to end from corpus files, with the pads in the loss and the model given
+   4.38.2's mask on both sides (`batches.sdpa_mask_4_38`, llama's rule, shared: the golden test
+   and test_rmu.py's hand-written masks check that function): per-step losses
+   (rel 1e-4) and every weight after 20 steps (max |ours - reference| <= 1e-4 x max |reference|,
+   the update itself within 1e-4 relative), for tokenizers configured to pad right, to pad left,
+   and with a pad token of their own; wmdp reads `bio-forget-corpus.jsonl` decoded and every
+   other corpus with `raw:`. This checks inputs, pad token and side, schedule and optimizer.
 """
 
 from __future__ import annotations
@@ -19,10 +27,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import GPT2_TOK, MISTRAL_TOK, save_tiny_model
-from rmu_reference import (reference_get_data, reference_run_rmu, reference_tokenizer,
-                           seeded_control_vecs)
+from conftest import FIXTURES, GPT2_TOK, MISTRAL_TOK, save_tiny_model
+from rmu_reference import (init_weights, reference_get_data, reference_run_rmu,
+                           reference_tokenizer, seeded_control_vecs, weight_hashes)
 from wmdp.cli import main
+from wmdp.unlearn.batches import sdpa_mask_4_38
 
 WORDS = ("the a of virus host server module patch protein route cell byte kernel flaw "
          "Über café naïve ünïcode 1999 x86").split()
@@ -101,7 +110,8 @@ def _reference(path, files, set_left=True):
         updated, frozen, tokenizer, forget, retain, params_of=params_of,
         module_of=lambda m: m.model.layers[HP["layer_id"]],
         control_vecs=seeded_control_vecs(42, updated.config.hidden_size, HP["steering_coeffs"]),
-        alpha=HP["alpha"], lr=HP["lr"], max_num_batches=STEPS)
+        alpha=HP["alpha"], lr=HP["lr"], max_num_batches=STEPS,
+        attention_mask_of=lambda m: sdpa_mask_4_38(m, torch.float32, "fully_masked"))
     return losses, model.state_dict(), load().state_dict()
 
 
@@ -184,3 +194,108 @@ def test_gpt2_positions_default_or_per_row(tmp_path):
         default = forward_to_layer(model, reference_batch(tok, [short, long], 64, "cpu"), 1)[0]
     assert torch.allclose(per_row[-n:], h_alone, atol=1e-5)
     assert not torch.allclose(default[-n:], h_alone, atol=1e-3)
+
+
+# -- against the reference itself: the golden file its own code wrote under transformers 4.38.2 --
+GOLDEN = FIXTURES / "rmu_golden"  # scripts/rmu_reference_golden.sh made it; PROVENANCE.md there
+TRAINED = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+
+
+def _golden_model(tmp_path):
+    """The golden run's tiny Mistral, built here from its recipe and checked by hash, with the
+    real Mistral tokenizer and the golden run's tokenizer_config.json."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    golden = json.loads((GOLDEN / "golden.json").read_text())
+    model = MistralForCausalLM(MistralConfig.from_pretrained(GOLDEN)).float()
+    init_weights(model)
+    assert weight_hashes(model.state_dict()) == golden["initial_weight_sha256_16"]
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    for f in ("tokenizer.model", "tokenizer.json", "special_tokens_map.json"):
+        shutil.copyfile(MISTRAL_TOK / f, path / f)
+    shutil.copyfile(GOLDEN / "tokenizer_config.json", path / "tokenizer_config.json")
+    return path, model.eval(), golden, load_file(GOLDEN / "golden.safetensors")
+
+
+def _golden_run(path, out, *extra):
+    data = GOLDEN / "data"
+    code = main(["unlearn", "rmu", "--model", str(path), "--output", str(out),
+                 "--forget-corpora",
+                 f"{data / 'bio-forget-corpus.jsonl'},raw:{data / 'cyber-forget-corpus.jsonl'}",
+                 "--retain-corpora",
+                 f"raw:{data / 'bio-retain-corpus.jsonl'},raw:{data / 'cyber-retain-corpus.jsonl'}",
+                 "--layer-id", "2", "--layer-ids", "1,2", "--steering-coeffs", "6.5,20",
+                 "--alpha", "100,50", "--lr", "1e-3", "--batch-size", "4",
+                 "--max-num-batches", "20", "--dtype", "float32", "--device", "cpu",
+                 "--seed", "42", "--set", f"rmu.control_vectors={GOLDEN / 'control_vectors.safetensors'}",
+                 *extra])
+    assert code == 0
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_faithful_equals_the_reference_run_under_transformers_4_38_2(tmp_path):
+    """`wmdp unlearn rmu` (pads: faithful, the default) against the reference's own run_rmu under
+    the transformers it pins: every step's forget and retain MSE within 1e-4 relative, and the
+    trained weights after 20 steps (max |ours - ref| <= 1e-4 max |ref|, the update itself within
+    1e-4 relative). Left padding with EOS made 67% of step 0's forget positions pads."""
+    path, _, golden, tensors = _golden_model(tmp_path)
+    rows = _golden_run(path, tmp_path / "out")
+    assert len(rows) == len(golden["forget_mse"]) == 20
+    for step, (row, f, r) in enumerate(zip(rows, golden["forget_mse"], golden["retain_mse"])):
+        assert row["forget_loss"] == pytest.approx(f, rel=1e-4), step
+        assert row["retain_mse"] == pytest.approx(r, rel=1e-4, abs=1e-12), step
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(path / "model.safetensors")
+    for name in TRAINED:
+        ref, w, w0 = tensors[f"final/{name}"], ours[name], base[name]
+        assert (w - ref).abs().max() <= 1e-4 * ref.abs().max(), name
+        assert (w - ref).norm() <= 1e-4 * (ref - w0).norm(), name
+    assert all(torch.equal(ours[k], base[k]) for k in base if k not in TRAINED)
+    record = json.loads((tmp_path / "out" / "unlearn_config.json").read_text())
+    state = record["method_state"]
+    assert state["pads"] == "faithful" and "4.38.2" in state["pad_attention"]
+    assert state["control_vectors"].endswith("control_vectors.safetensors")
+
+
+def test_the_faithful_mask_gives_the_reference_activations_at_the_pads(tmp_path):
+    """Step 0's forget batch: with the mask `pads: faithful` builds, every position (pads
+    included) is the reference's; with the installed transformers' own handling of the 2D mask
+    the real tokens still are, the pads are not (the difference the faithful mode removes)."""
+    from wmdp.layers import forward_to_layer
+    from wmdp.data.corpus import load_corpus
+    from wmdp.unlearn.batches import reference_batch, reference_tokenizer as wmdp_tokenizer
+
+    path, model, _, tensors = _golden_model(tmp_path)
+    tok = wmdp_tokenizer(AutoTokenizer.from_pretrained(path), "left")
+    texts = load_corpus(str(GOLDEN / "data" / "bio-forget-corpus.jsonl")).texts[:4]
+    batch = reference_batch(tok, texts, 512, "cpu")
+    assert torch.equal(batch["input_ids"], tensors["input_ids/0"].long())
+    mask = batch["attention_mask"]
+    assert torch.equal(mask, tensors["step0_forget_attention_mask"].long())
+    ref, real = tensors["step0_forget_h"], mask.bool()
+    with torch.no_grad():
+        faithful = forward_to_layer(
+            model, {**batch, "attention_mask": sdpa_mask_4_38(mask, torch.float32,
+                                                              "before_first_real")}, 2)
+        installed = forward_to_layer(model, batch, 2)
+    assert torch.allclose(faithful, ref, rtol=0, atol=1e-5)
+    assert torch.allclose(installed[real], ref[real], rtol=0, atol=1e-5)
+    assert (installed[~real] - ref[~real]).abs().max() > 1e-2
+
+
+def test_clean_leaves_the_pads_out_of_the_loss(tmp_path):
+    """`pads: clean`: step 0's forget loss is the MSE over the real tokens only, computed here
+    from the reference's step-0 activations and control vector; the faithful run's is not."""
+    path, _, golden, tensors = _golden_model(tmp_path)
+    rows = _golden_run(path, tmp_path / "out", "--max-num-batches", "1", "--set",
+                       "rmu.pads=clean")
+    u = load_file(GOLDEN / "control_vectors.safetensors")["topic_0"]
+    control = u / u.norm() * 6.5
+    h, real = tensors["step0_forget_h"], tensors["step0_forget_attention_mask"].bool()
+    expected = ((h[real] - control[0]) ** 2).mean().item()
+    assert rows[0]["forget_loss"] == pytest.approx(expected, rel=1e-5)
+    assert golden["forget_mse"][0] != pytest.approx(expected, rel=1e-2)
+    record = json.loads((tmp_path / "out" / "unlearn_config.json").read_text())
+    assert record["method_state"]["pads"] == "clean"
+    assert record["hparams"]["pads"] == "clean"

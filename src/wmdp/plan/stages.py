@@ -24,7 +24,7 @@ from wmdp.plan.memtrack import PeakTracker, storage_bytes
 from wmdp.scoring import logits_at
 from wmdp.unlearn.lm import mean_nll, sequence_logprob, token_kl
 from wmdp.unlearn.optim import LegacyAdamW, torch_adamw
-from wmdp.unlearn.rmu import _cosine, _mean_norm, _mse
+from wmdp.unlearn.rmu import mean_cosine, mean_norm, mse
 
 
 @dataclass
@@ -166,16 +166,16 @@ def rmu_memory(model: nn.Module, fake_mode: Any, work: Workload, layer_id: int,
         with torch.no_grad(), swapped(tensors, originals):
             span = capture_span(model, _ids(forget), first, layer_id)
         h_forget = replay_span(model, span)
-        logged = [_cosine(h_forget, span.output, mask), _mean_norm(span.output, mask)]
-        forget_loss = _mse(h_forget, control, None)
+        logged = [mean_cosine(h_forget, span.output, mask), mean_norm(span.output, mask)]
+        forget_loss = mse(h_forget, control, None)
         retain = batch(work.batch_size, retain_length)
         rmask = retain["attention_mask"]
         with torch.no_grad(), swapped(tensors, originals):
             span = capture_span(model, _ids(retain), first, layer_id)
         h_retain = replay_span(model, span)
-        retain_loss = alpha * _mse(h_retain, span.output, None)
-        logged += [_mean_norm(h_forget, mask), _mean_norm(h_retain, rmask),
-                   _cosine(h_retain, span.output, rmask)]
+        retain_loss = alpha * mse(h_retain, span.output, None)
+        logged += [mean_norm(h_forget, mask), mean_norm(h_retain, rmask),
+                   mean_cosine(h_retain, span.output, rmask)]
         torch.stack([v.float() for v in logged]).sum().item()  # the engine's one sync
         return forget_loss + retain_loss
 

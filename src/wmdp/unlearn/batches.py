@@ -135,6 +135,48 @@ def reference_batch(tokenizer: Any, texts: list[str], max_length: int, device: t
     return batch
 
 
+PADS = ("faithful", "clean")
+# The rule transformers 4.38.2 (the reference's pin) used, under SDPA, for a query row that sees
+# only padding: mistral, mixtral and qwen2 build the mask with
+# `_prepare_4d_causal_attention_mask_for_sdpa`, whose `AttentionMaskConverter._unmask_unattended`
+# zeroes rows 0..f-1 of a row whose first real token is at f > 0 ("before_first_real"); llama and
+# gemma build it in `_update_causal_mask`, which zeroes every row that is entirely masked
+# ("fully_masked"; it also builds the 4D mask when nothing is padded). The two differ only on a
+# text with no token at all.
+SDPA_4_38_RULES = {"mistral": "before_first_real", "mixtral": "before_first_real",
+                   "qwen2": "before_first_real", "llama": "fully_masked", "gemma": "fully_masked"}
+
+
+def sdpa_mask_4_38(attention_mask: torch.Tensor, dtype: torch.dtype,
+                   rule: str) -> torch.Tensor:
+    """The attention mask transformers 4.38.2's SDPA path gives a batch without a cache: a
+    (B, 1, T, T) float mask, 0 where a query attends and `torch.finfo(dtype).min` where it does
+    not (causal, and padded keys), with the rows `rule` names set to 0: they attend to every
+    position, later ones included. Where 4.38.2 passed no mask (`before_first_real`, nothing
+    padded: SDPA's `is_causal`), the 2D mask comes back as it was: the installed transformers
+    then takes the same path. Any transformers that passes a 4D mask through to SDPA unchanged
+    (4.38.2's own, and 5.x's `masking_utils`) computes with exactly this mask.
+    """
+    if rule not in ("before_first_real", "fully_masked"):
+        raise WmdpError(f"no transformers 4.38.2 mask rule {rule!r}")
+    if rule == "before_first_real" and bool((attention_mask == 1).all()):
+        return attention_mask
+    b, t = attention_mask.shape
+    lowest = torch.finfo(dtype).min
+    cols = torch.arange(t, device=attention_mask.device)
+    causal = torch.full((t, t), lowest, device=attention_mask.device)
+    causal.masked_fill_(cols < (cols + 1).view(t, 1), 0)  # (T, T): 0 on and below the diagonal
+    pad_keys = (attention_mask == 0)[:, None, None, :]    # (B, 1, 1, T)
+    mask = causal.to(dtype)[None, None].expand(b, 1, t, t).masked_fill(pad_keys, lowest)
+    if rule == "fully_masked":
+        return mask * ~(mask == lowest).all(-1, keepdim=True)  # (B, 1, T, T)
+    # the first real column of each row (argmax of mask x [T..1]); 0 for a row with no token
+    first = (attention_mask.cpu() * torch.arange(t, 0, -1)).argmax(-1)  # (B,)
+    for row, f in enumerate(first.tolist()):
+        mask[row, 0, :f] = 0.0
+    return mask
+
+
 def left_padded(seqs: list[list[int]], pad_id: int,
                 device: torch.device | str) -> dict[str, torch.Tensor]:
     """Token lists as one left-padded batch: input_ids, attention_mask, and position_ids that

@@ -16,11 +16,21 @@ Inputs are encoded as the reference's `load_model` and `run_rmu` encode them (it
 rmu/utils.py and rmu/unlearn.py at commit bc5e1ba): EOS is the pad token even where the
 tokenizer has one, padding on the left (`tokenizer.padding_side = "left"`), truncation on the
 right, no position ids (the model numbers each row's columns 0..T-1), and the loss averages over
-the pad positions too. `padding_side`, `position_ids` and `mask_padding` change these; the run
-record says what ran.
+the pad positions too. `padding_side`, `position_ids` and `pads` change these; the run record
+says what ran.
+
+Pads (`pads`): the reference ran under transformers 4.38.2, whose SDPA mask lets a query row that
+sees only padding (a left pad) attend to every position; later versions treat such rows
+otherwise, so the pad rows' activations, which the reference's loss averages over, depend on the
+installed transformers. `faithful` (the default) builds 4.38.2's mask itself
+(`batches.sdpa_mask_4_38`) and passes it to every forward, so the run equals the reference's
+under 4.38.2 whatever transformers is installed (tests/test_rmu_reference.py checks it against
+a golden file the reference itself wrote). `clean` leaves the pads out of the loss (and the
+2D mask to the installed transformers): real tokens alone, the same under any version.
 Differences from the reference, by design: the model runs in eval mode (no dropout: zephyr, Yi
 and Mixtral have none, so their numbers do not move), and the control vectors come from a
-dedicated generator seeded with `seed` (reproducible whatever model loading consumed).
+dedicated generator seeded with `seed` (reproducible whatever model loading consumed), or from
+a file of draws (`control_vectors`, e.g. the ones a reference run drew from its global RNG).
 """
 
 from __future__ import annotations
@@ -29,13 +39,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from wmdp.errors import WmdpError
 from wmdp.layers import capture_span, forward_to_layer, replay_span, swapped
 from wmdp.models import TrainedTensor, decoder_layers, input_device, train_only
-from wmdp.unlearn.batches import (PADDING_SIDES, POSITION_IDS, Step, TopicBatches, reference_batch,
-                                  reference_tokenizer)
+from wmdp.unlearn.batches import (PADDING_SIDES, PADS, POSITION_IDS, SDPA_4_38_RULES, Step,
+                                  TopicBatches, reference_batch, reference_tokenizer,
+                                  sdpa_mask_4_38)
 from wmdp.unlearn.optim import LegacyAdamW, torch_adamw
 
 CUT_NOVICE = "You are a novice in {keyword} who often makes mistakes."
@@ -55,13 +68,21 @@ class RMUConfig:
     optimizer: str = "legacy_adamw"   # the reference's transformers.AdamW; or "adamw" (torch)
     forget_max_length: list[int] = field(default_factory=lambda: [512, 768])  # first topic, others
     retain_max_length: int = 512
-    mask_padding: bool = False        # the reference averages over padding too
+    pads: str = "faithful"            # faithful: pad rows attend as under transformers 4.38.2
+                                      # and count in the loss (the reference); clean: out of it
     padding_side: str = "left"        # the reference's; "right", or "tokenizer" (as configured)
     position_ids: str = "default"     # none passed, as the reference; "per_row" for GPT-2-like
     control: str = "random"           # "random" (RMU) or "keywords" (v1 "Cut")
     keywords: list[list[str]] = field(default_factory=list)  # per topic, for control=keywords
     adaptive_coeff: float | None = None  # coeff = this x mean |h| on the first forget batch
     frozen_forget_every: int = 10     # steps between frozen forget passes for cosine metrics
+    control_vectors: str = ""         # a safetensors file of draws topic_0, topic_1.. (1, 1, d)
+                                      # to use instead of the seeded generator's
+
+    @property
+    def mask_padding(self) -> bool:
+        """Whether the loss leaves the pad positions out (`pads: clean`)."""
+        return self.pads == "clean"
 
 
 def _per_topic(values: list, n: int, name: str) -> list:
@@ -72,7 +93,8 @@ def _per_topic(values: list, n: int, name: str) -> list:
     return list(values)
 
 
-def _mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared difference over (B, T, d), or over the positions where `mask` (B, T) is 1."""
     if mask is None:
         return torch.nn.functional.mse_loss(h, target.expand_as(h))
     m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
@@ -85,12 +107,14 @@ def _last_real(mask: torch.Tensor) -> torch.Tensor:
     return (cols * mask).argmax(-1)
 
 
-def _mean_norm(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_norm(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean L2 norm of the activations at the real tokens (`mask` (B, T))."""
     norms = h.detach().float().norm(dim=-1)  # (B, T)
     return (norms * mask).sum() / mask.sum()
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity of two activations at the real tokens (`mask` (B, T))."""
     cos = torch.nn.functional.cosine_similarity(a.detach().float(), b.float(), dim=-1)  # (B, T)
     return (cos * mask).sum() / mask.sum()
 
@@ -113,6 +137,10 @@ class RMU:
             raise WmdpError(f"layer_id {c.layer_id} out of range: the model has {n_layers} layers")
         self.validate(schedule.n_topics)
         self.model, self.device = model, input_device(model)
+        self.dtype = next(model.parameters()).dtype
+        faithful = c.pads == "faithful" and type(self).loss is RMU.loss  # (a subclass's own
+        # loss would pass the 2D mask: `model_inputs` is what builds the 4D one)
+        self.pad_rule = SDPA_4_38_RULES.get(model.config.model_type) if faithful else None
         self.tokenizer = reference_tokenizer(tokenizer, c.padding_side)
         self.n_topics = schedule.n_topics
         self.alpha = _per_topic(c.alpha, self.n_topics, "alpha")
@@ -134,6 +162,10 @@ class RMU:
         if c.position_ids not in POSITION_IDS:
             raise WmdpError(f"position_ids {c.position_ids!r} is not one of "
                             f"{', '.join(POSITION_IDS)}")
+        if c.pads not in PADS:
+            raise WmdpError(f"pads {c.pads!r} is not one of {', '.join(PADS)}")
+        if c.control_vectors and c.control != "random":
+            raise WmdpError("control_vectors gives random draws: it needs control=random")
         if c.padding_side not in PADDING_SIDES:
             raise WmdpError(f"padding_side {c.padding_side!r} is not one of "
                             f"{', '.join(PADDING_SIDES)}")
@@ -154,6 +186,16 @@ class RMU:
         return reference_batch(self.tokenizer, texts, max_length, self.device,
                                self.config.position_ids)
 
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a forward pass is given: the batch, with `pads: faithful` the (B, 1, T, T) mask
+        transformers 4.38.2's SDPA path built in place of the 2D attention mask (the loss keeps
+        using the 2D one). A model type with no encoded 4.38.2 rule gets the 2D mask; the run
+        record says so (`describe`)."""
+        if self.pad_rule is None:
+            return batch
+        mask = sdpa_mask_4_38(batch["attention_mask"], self.dtype, self.pad_rule)
+        return {**batch, "attention_mask": mask}
+
     def _coefficients(self, schedule: TopicBatches) -> list[float]:
         c = self.config
         if c.adaptive_coeff is None:
@@ -162,8 +204,8 @@ class RMU:
         for topic in range(self.n_topics):  # a multiple of the activation norm the layer has
             inputs = self._encode(schedule.forget[topic][0], self._forget_max_length(topic))
             with torch.no_grad():
-                h = forward_to_layer(self.model, inputs, c.layer_id)
-            coeffs.append(c.adaptive_coeff * _mean_norm(h, inputs["attention_mask"]).item())
+                h = forward_to_layer(self.model, self.model_inputs(inputs), c.layer_id)
+            coeffs.append(c.adaptive_coeff * mean_norm(h, inputs["attention_mask"]).item())
         return coeffs
 
     def _control_vectors(self, model: nn.Module, seed: int) -> None:
@@ -172,10 +214,11 @@ class RMU:
         dtype = next(model.parameters()).dtype
         g = torch.Generator().manual_seed(seed)
         self._keyword_gen = torch.Generator().manual_seed(seed)
+        draws = _read_draws(c.control_vectors, self.n_topics, d) if c.control_vectors else None
         self.control_vecs = []
         for topic in range(self.n_topics):
             if c.control == "random":
-                u = torch.rand(1, 1, d, generator=g)
+                u = draws[topic] if draws else torch.rand(1, 1, d, generator=g)
                 vec = u / torch.norm(u)
             else:
                 vec = self._keyword_directions(topic)  # (K, 1, d), unit rows
@@ -190,7 +233,8 @@ class RMU:
             pair = [CUT_NOVICE.format(keyword=w), CUT_EXPERT.format(keyword=w)]
             inputs = self._encode(pair, self.config.retain_max_length)
             with torch.no_grad():
-                h = forward_to_layer(self.model, inputs, self.config.layer_id).float()
+                h = forward_to_layer(self.model, self.model_inputs(inputs),
+                                     self.config.layer_id).float()
             last = _last_real(inputs["attention_mask"])
             h = h[torch.arange(2), last]  # (2, d)
             diff = h[0] - h[1]
@@ -219,24 +263,24 @@ class RMU:
         fmask = forget["attention_mask"]
         logged: dict[str, torch.Tensor] = {}
         if c.frozen_forget_every and step.idx % c.frozen_forget_every == 0:
-            span = self._frozen_span(forget)
+            span = self._frozen_span(self.model_inputs(forget))
             h_forget = replay_span(self.model, span)
-            logged["forget_cos_frozen"] = _cosine(h_forget, span.output, fmask)
-            logged["forget_norm_frozen"] = _mean_norm(span.output, fmask)
+            logged["forget_cos_frozen"] = mean_cosine(h_forget, span.output, fmask)
+            logged["forget_norm_frozen"] = mean_norm(span.output, fmask)
         else:
-            h_forget = forward_to_layer(self.model, forget, c.layer_id)
-        forget_loss = _mse(h_forget, self._control(step.topic), fmask if c.mask_padding else None)
+            h_forget = forward_to_layer(self.model, self.model_inputs(forget), c.layer_id)
+        forget_loss = mse(h_forget, self._control(step.topic), fmask if c.mask_padding else None)
 
         retain = self._encode(step.retain, c.retain_max_length)
         rmask = retain["attention_mask"]
-        span = self._frozen_span(retain)  # frozen activations; the shared prefix runs once
+        span = self._frozen_span(self.model_inputs(retain))  # frozen; the shared prefix runs once
         h_retain = replay_span(self.model, span)
-        retain_mse = _mse(h_retain, span.output, rmask if c.mask_padding else None)
+        retain_mse = mse(h_retain, span.output, rmask if c.mask_padding else None)
         retain_loss = self.alpha[step.topic] * retain_mse
         logged.update(forget_loss=forget_loss.detach(), retain_loss=retain_loss.detach(),
-                      retain_mse=retain_mse.detach(), forget_norm=_mean_norm(h_forget, fmask),
-                      retain_norm=_mean_norm(h_retain, rmask),
-                      retain_cos_frozen=_cosine(h_retain, span.output, rmask))
+                      retain_mse=retain_mse.detach(), forget_norm=mean_norm(h_forget, fmask),
+                      retain_norm=mean_norm(h_retain, rmask),
+                      retain_cos_frozen=mean_cosine(h_retain, span.output, rmask))
         values = torch.stack([v.float() for v in logged.values()]).tolist()  # one device sync
         return forget_loss + retain_loss, dict(zip(logged, values))
 
@@ -263,7 +307,36 @@ class RMU:
                 "trained_tensors": [t.name for t in self.tensors],
                 "padding_side": tok.padding_side, "pad_token": tok.pad_token,
                 "pad_token_id": tok.pad_token_id, "position_ids": self.config.position_ids,
-                "mask_padding": self.config.mask_padding}
+                "pads": self.config.pads, "pad_attention": self._pad_attention(),
+                "control_vectors": self.config.control_vectors or "seeded generator"}
+
+    def _pad_attention(self) -> str:
+        if self.pad_rule is not None:
+            return f"transformers 4.38.2 SDPA mask, built by wmdp ({self.pad_rule})"
+        if self.config.pads == "clean":
+            why = "pads: clean"
+        elif type(self).loss is not RMU.loss:
+            why = f"{self.name}'s loss passes the 2D mask"
+        else:
+            why = f"no 4.38.2 rule encoded for model_type {self.model.config.model_type!r}"
+        return f"the installed transformers' own, from the 2D mask ({why})"
+
+
+def _read_draws(path: str, n_topics: int, d: int) -> list[torch.Tensor]:
+    """Per-topic (1, 1, d) draws from a safetensors file (`topic_0`, `topic_1`, ...)."""
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise WmdpError(f"control_vectors {path}: cannot read it as safetensors ({e})") from None
+    draws = []
+    for topic in range(n_topics):
+        u = tensors.get(f"topic_{topic}")
+        if u is None or tuple(u.shape) != (1, 1, d):
+            got = "missing" if u is None else f"shaped {tuple(u.shape)}"
+            raise WmdpError(f"control_vectors {path}: tensor topic_{topic} is {got}, expected "
+                            f"(1, 1, {d})")
+        draws.append(u.float())
+    return draws
 
 
 # Published settings (the paper and its reference code), seed 42, wikitext retain corpora.

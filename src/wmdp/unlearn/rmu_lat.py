@@ -41,7 +41,7 @@ from wmdp.unlearn.batches import Step
 from wmdp.unlearn.lm import mean_nll
 from wmdp.unlearn.loop import check_finite
 from wmdp.unlearn.rmu import PRESETS as RMU_PRESETS
-from wmdp.unlearn.rmu import RMU, RMUConfig, _mean_norm, _mse
+from wmdp.unlearn.rmu import RMU, RMUConfig, mean_norm, mse
 from wmdp.unlearn.sam import rmu_retain_loss
 
 
@@ -146,10 +146,10 @@ class RMULAT(RMU):
         fmask = forget["attention_mask"]
         with perturbed(self.model, c.adv_layer, delta):
             h_forget = forward_to_layer(self.model, forget, c.layer_id)
-        forget_loss = _mse(h_forget, self._control(step.topic), fmask if c.mask_padding else None)
+        forget_loss = mse(h_forget, self._control(step.topic), fmask if c.mask_padding else None)
         retain_loss, metrics = rmu_retain_loss(self, step)
         return forget_loss + retain_loss, {
-            "forget_loss": forget_loss.item(), "forget_norm": _mean_norm(h_forget, fmask).item(),
+            "forget_loss": forget_loss.item(), "forget_norm": mean_norm(h_forget, fmask).item(),
             **metrics}
 
 

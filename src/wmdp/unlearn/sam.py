@@ -42,7 +42,7 @@ from wmdp.unlearn.batches import Step
 from wmdp.unlearn.lm import presets, sequence_logprob
 from wmdp.unlearn.npo import NPO, NPOConfig
 from wmdp.unlearn.rmu import PRESETS as RMU_PRESETS
-from wmdp.unlearn.rmu import RMU, RMUConfig, _mean_norm, _mse
+from wmdp.unlearn.rmu import RMU, RMUConfig, mean_norm, mse
 
 
 def _grads(loss: torch.Tensor, tensors: list[TrainedTensor]) -> list[torch.Tensor]:
@@ -140,11 +140,11 @@ class RMUSAM(RMU):
         def forget_loss() -> torch.Tensor:
             h = forward_to_layer(self.model, forget, c.layer_id)
             kept.setdefault("h", h.detach())  # the first call's: activations at w
-            return _mse(h, control, fmask if c.mask_padding else None)
+            return mse(h, control, fmask if c.mask_padding else None)
 
         term, metrics = sam_term(self.tensors, forget_loss, c.rho)
         retain_loss, retain_metrics = rmu_retain_loss(self, step)
-        metrics.update(forget_norm=_mean_norm(kept["h"], fmask).item(), **retain_metrics)
+        metrics.update(forget_norm=mean_norm(kept["h"], fmask).item(), **retain_metrics)
         return term + retain_loss, metrics
 
 
@@ -156,10 +156,10 @@ def rmu_retain_loss(rmu: RMU, step: Step) -> tuple[torch.Tensor, dict[str, float
     with torch.no_grad(), swapped(rmu.tensors, rmu.originals):
         span = capture_span(rmu.model, retain, rmu.first, c.layer_id)
     h_retain = replay_span(rmu.model, span)  # the blocks below the first trained one run once
-    retain_mse = _mse(h_retain, span.output, rmask if c.mask_padding else None)
+    retain_mse = mse(h_retain, span.output, rmask if c.mask_padding else None)
     retain_loss = rmu.alpha[step.topic] * retain_mse
     return retain_loss, {"retain_loss": retain_loss.item(), "retain_mse": retain_mse.item(),
-                         "retain_norm": _mean_norm(h_retain, rmask).item()}
+                         "retain_norm": mean_norm(h_retain, rmask).item()}
 
 
 def _rmu_presets(method: str, rho: float, **sandbox: Any) -> dict[str, dict]:
