@@ -32,6 +32,8 @@ from wmdp.errors import WmdpError
 from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json, write_json,
                      write_jsonl)
 from wmdp.model_spec import ModelSpec
+from wmdp.preflight import Preflight
+from wmdp.tasks import Registry
 
 RUN_RECORD = "run.json"
 STAGES = "stages.json"
@@ -61,6 +63,7 @@ class EvalSection:
     prompt_style: str = "lmeval"
     format: str | None = None
     limit: int | None = None
+    data_revision: str | None = None  # hub question sets at this revision (WMDP changed in 2024-04)
 
 
 @dataclass
@@ -176,6 +179,9 @@ class Pipeline:
         if config.sandbox is not None:
             self.sandbox_cfg, self.sandbox_dir = sandbox_location(config.sandbox)
         check_run(self)
+        self.preflight: list[dict] = []
+        if create and config.sandbox is None:  # a sandbox run's sources are built by the run
+            self.preflight = self.check_sources(overwrite)
         if create:
             self.dir = prepare_output_dir(config.output, overwrite, RUN_RECORD, self.fingerprint,
                                           inputs={"model": config.model, "sandbox": self.sandbox_dir,
@@ -183,7 +189,30 @@ class Pipeline:
                                                   **config.eval.task_files})
             write_json(self.dir / RUN_RECORD, {"fingerprint": self.fingerprint,
                                                "config": to_dict(config),
-                                               "versions": library_versions()})
+                                               "versions": library_versions(),
+                                               "preflight": self.preflight})
+
+    def check_sources(self, overwrite: bool) -> list[dict]:
+        """The preflight: every task, corpus, revision, gated access, the model's config and
+        tokenizer, and the output, resolved before any weights load (see wmdp.preflight)."""
+        c, e = self.config, self.config.eval
+        reg = Registry.build(self.data_dir(), self._task_files(), e.format, e.data_revision)
+        names = list(e.tasks)
+        if c.audit is not None:
+            evaluated = set(reg.expand(e.tasks))
+            names += list(c.audit.tasks or [t for t in e.forget if t in evaluated])
+        unlearn = self.unlearn_settings()[2]
+        check = Preflight(model=self.base_model(), model_revision=c.revision,
+                          trust_remote_code=c.trust_remote_code, output=c.output,
+                          expected_fingerprint=self.fingerprint, overwrite=overwrite,
+                          inputs={"model": c.model, "eval.data_dir": e.data_dir,
+                                  **e.task_files},
+                          tasks=[reg.tasks[t] for t in reg.expand(names)],
+                          corpora=[(s, "text") for s in dict.fromkeys(
+                              [*unlearn.forget_corpora, *unlearn.retain_corpora])])
+        seconds = check.run()
+        print(check.summary(seconds))
+        return check.record()
 
     # -- bookkeeping -----------------------------------------------------------------------
     def done(self) -> dict[str, Any]:
@@ -254,7 +283,8 @@ class Pipeline:
         revision = self.config.revision if stage == "eval_base" else None
         config = EvalConfig(**self.model_fields(model, revision),
                             batch_size=e.batch_size, prompt_style=e.prompt_style, format=e.format,
-                            limit=e.limit, data_dir=self.data_dir(), task_files=self._task_files())
+                            limit=e.limit, data_dir=self.data_dir(), task_files=self._task_files(),
+                            data_revision=e.data_revision)
         run_eval(config, e.tasks, self.dir / stage, progress=self.progress)
 
     def model_fields(self, model: str, revision: str | None) -> dict[str, Any]:
@@ -338,8 +368,6 @@ class Pipeline:
         return {"protocol": own} if own else {}
 
     def _leaf_tasks(self) -> set[str]:
-        from wmdp.tasks import Registry
-
         reg = Registry.build(self.data_dir(), self._task_files(), self.config.eval.format)
         return set(reg.expand(self.config.eval.tasks))
 

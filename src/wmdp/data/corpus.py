@@ -3,7 +3,9 @@
 A corpus spec is one of:
 - a local `.jsonl` file with a `text` field per line (the WMDP corpora layout), or a `.txt`
   file (one text per non-empty line);
-- `wikitext`: wikitext-2-raw-v1, split `test` (the paper's retain set), one text per line;
+- `wikitext`: wikitext-2-raw-v1, split `test` (the paper's retain set), one text per line, read
+  from `Salesforce/wikitext` (the hub's canonical id: huggingface_hub 2.x no longer accepts the
+  bare `wikitext` that the hub redirects);
 - a hub dataset with a `text` column: `org/name`, `org/name:config`, `org/name:config@split`
   (split defaults to `train`), e.g. `cais/wmdp-corpora:cyber-forget-corpus`.
 
@@ -11,8 +13,15 @@ A corpus spec is one of:
   text with its braces and its newline, not the decoded `text`. The RMU reference reads every
   corpus not named `bio-forget-corpus` this way (`raw_text = line`), so the published zephyr,
   Yi and Mixtral runs trained on the cyber forget corpus's raw lines; the published presets say
-  `raw:` to reproduce them. A hub spec reads the dataset repository's `<config>.jsonl` file (the
-  file the reference's `data/` holds), not the parsed rows.
+  `raw:` to reproduce them. The hub does not serve those lines: `cais/wmdp-corpora` holds one
+  folder of parquet files per config (column `text`), no `.jsonl`. A hub spec therefore reads the
+  parquet rows and re-encodes each as the line the reference's file held, `json.dumps(row) +
+  "\n"` (`{"text": "..."}`, Python's default separators, non-ASCII as `\\uXXXX`). That equals
+  the reference's line wherever its file was written the same way; a file written otherwise
+  (other escapes, key order or extra keys) differs in those characters, and so in the texts'
+  lengths, the `min_len` filter and the tokens. For the exact lines, give the reference's own
+  file: `raw:PATH/cyber-forget-corpus.jsonl`. The corpus's `source` (in every run record) says
+  which of the two was read.
 
 Texts of `min_len` characters or fewer are dropped, as the RMU reference code does (for raw
 lines: the line's length, newline included, as the reference measures it).
@@ -21,11 +30,17 @@ lines: the line's length, newline included, as the reference measures it).
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wmdp.data.hub import hub_error, read_hub_split
 from wmdp.errors import DataError, WmdpError
 from wmdp.io import jsonl_records, read_text, sha256_json
+
+RAW = "raw:"
+WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")  # the paper's retain text
+RAW_ENCODING = "json.dumps(row) + newline"  # how `raw:` re-encodes a hub row as a JSON line
 
 
 @dataclass
@@ -57,19 +72,14 @@ def load_corpus(spec: str | Path, min_len: int = 0, limit: int | None = None,
     `text_field` names the column of a hub dataset that holds the text (`page` for
     EleutherAI/wikitext_document_level)."""
     spec = str(spec)
-    path = Path(spec).expanduser()
-    if spec.startswith(RAW):
-        texts, name, source = _raw_lines(spec[len(RAW):], spec)
-    elif spec == "wikitext":
-        texts = _hub_texts("wikitext", "wikitext-2-raw-v1", "test", spec)
-        name, source = "wikitext", "hub:wikitext/wikitext-2-raw-v1 [test]"
-    elif path.suffix.lower() in (".jsonl", ".txt") or path.exists():
-        texts = _file_texts(path)
-        name, source = path.stem, str(path)
+    hub = hub_corpus_location(spec, text_field)
+    if hub is not None:
+        texts, name, source = _hub_texts(spec, *hub)
+    elif spec.startswith(RAW):
+        texts, name, source = _raw_lines(Path(spec[len(RAW):]).expanduser())
     else:
-        dataset, config, split = parse_hub_spec(spec)
-        texts = _hub_texts(dataset, config, split, spec, text_field)
-        name, source = (config or dataset.split("/")[-1]), f"hub:{spec}"
+        path = Path(spec).expanduser()
+        texts, name, source = _file_texts(path), path.stem, str(path)
     texts = [t for t in texts if len(t) > min_len]
     if limit is not None:
         texts = texts[:limit]
@@ -78,37 +88,44 @@ def load_corpus(spec: str | Path, min_len: int = 0, limit: int | None = None,
     return Corpus(name, texts, source)
 
 
-RAW = "raw:"
+def hub_corpus_location(spec: str | Path, text_field: str = "text"
+                        ) -> tuple[str, str | None, str, str, bool] | None:
+    """Where a corpus spec reads from the hub: (dataset, config, split, column, raw), or None
+    for a local file (`corpus_file`). The preflight resolves exactly these."""
+    spec = str(spec)
+    if corpus_file(spec) is not None:
+        return None
+    raw = spec.startswith(RAW)
+    inner = spec[len(RAW):] if raw else spec
+    if inner == "wikitext":
+        return (*WIKITEXT, "text", raw)
+    dataset, config, split = parse_hub_spec(inner)
+    return dataset, config, split, text_field, raw
 
 
-def _raw_lines(inner: str, spec: str) -> tuple[list[str], str, str]:
+def corpus_file(spec: str | Path) -> Path | None:
+    """The local file a corpus spec reads, with or without `raw:`, by `load_corpus`'s rules;
+    None for `wikitext` and hub datasets. What a command keeps apart from its outputs."""
+    spec = str(spec)
+    inner = spec[len(RAW):] if spec.startswith(RAW) else spec
+    if inner == "wikitext" and inner == spec:
+        return None
+    path = Path(inner).expanduser()
+    if (path.exists() or path.suffix.lower() in (".jsonl", ".txt")
+            or inner.startswith((".", "~", "/"))):
+        return path
+    return None
+
+
+def _raw_lines(path: Path) -> tuple[list[str], str, str]:
     """The reference's `for line in open(f"data/{name}.jsonl")`: universal newlines, each line
     kept whole with its newline (a blank line is the text "\n")."""
-    path = Path(inner).expanduser()
-    if path.is_file():
-        name, source = path.stem, f"raw lines of {path}"
-    elif path.suffix.lower() == ".jsonl" or inner.startswith((".", "~", "/")):
-        raise WmdpError(f"{inner}: corpus file not found")
-    else:
-        dataset, config, _ = parse_hub_spec(inner)
-        filename = f"{config or dataset.split('/')[-1]}.jsonl"
-        path = _hub_file(dataset, filename, spec)
-        name, source = filename[:-len(".jsonl")], f"raw lines of hub:{dataset}/{filename}"
+    if not path.is_file():
+        raise WmdpError(f"{path}: corpus file not found")
     lines = list(io.StringIO(read_text(path), newline=None))  # as text-mode open() iterates
     if not lines:
         raise DataError(path, "file is empty (no texts)")
-    return lines, name, source
-
-
-def _hub_file(dataset: str, filename: str, spec: str) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(dataset, filename, repo_type="dataset"))
-    except Exception as e:  # noqa: BLE001 - network, auth and missing files alike
-        raise WmdpError(f"{spec}: cannot fetch {filename} from the hub dataset {dataset} "
-                        f"({str(e).strip().splitlines()[0][:200]}); download it and give "
-                        f"raw:PATH/{filename}") from e
+    return lines, path.stem, f"raw lines of {path}"
 
 
 def _file_texts(path: Path) -> list[str]:
@@ -129,15 +146,36 @@ def _file_texts(path: Path) -> list[str]:
     return texts
 
 
-def _hub_texts(dataset: str, config: str | None, split: str, spec: str,
-               text_field: str = "text") -> list[str]:
-    import datasets
+def _hub_texts(spec: str, dataset: str, config: str | None, split: str, column: str,
+               raw: bool) -> tuple[list[str], str, str]:
+    """A hub split's `column`, or (raw) the repository's `<config>.jsonl` lines where it holds
+    one (the reference's file), else each row re-encoded as the reference's JSON line."""
+    fix = "download the corpus and give a local .jsonl file"
+    name = config or dataset.split("/")[-1]
+    if raw and (path := _hub_jsonl(dataset, f"{name}.jsonl", spec, fix)) is not None:
+        return _raw_lines(path)[0], name, f"raw lines of hub:{dataset}/{name}.jsonl"
+    ds, commit = read_hub_split(dataset, config, split, None, fix)
+    where = f"hub:{dataset}" + (f"/{config}" if config else "") + f" [{split}]"
+    if column not in ds.column_names:
+        raise WmdpError(f"{spec} ({where}): dataset has no {column!r} column "
+                        f"(columns: {ds.column_names})")
+    at = f" @{commit}" if commit else ""
+    if raw:
+        lines = [json.dumps(row) + "\n" for row in ds]
+        return lines, name, (f"raw: rows of {where}{at} re-encoded as JSON lines "
+                             f"({RAW_ENCODING}); the hub serves no raw .jsonl")
+    return [str(t) for t in ds[column]], name, where + at
+
+
+def _hub_jsonl(dataset: str, filename: str, spec: str, fix: str) -> Path | None:
+    """The repository's raw JSON lines file, or None where it holds none (the hub's
+    cais/wmdp-corpora does not: one folder of parquet files per config)."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:  # noqa: BLE001 - network, auth and gating errors alike
-        raise WmdpError(f"{spec}: cannot load corpus from the hub "
-                        f"({str(e).strip().splitlines()[0][:300]})") from e
-    if text_field not in ds.column_names:
-        raise WmdpError(f"{spec}: dataset has no {text_field!r} column (columns: {ds.column_names})")
-    return [str(t) for t in ds[text_field]]
+        return Path(huggingface_hub.hf_hub_download(dataset, filename, repo_type="dataset"))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+    except Exception as e:  # noqa: BLE001 - gated, renamed, network
+        raise hub_error(f"{spec} (hub:{dataset}/{filename})", dataset, e, fix) from e

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from wmdp.data.hub import hub_where, read_hub_split
 from wmdp.errors import DataError, WmdpError
 from wmdp.io import jsonl_records, read_text, sha256_json
 
@@ -164,27 +165,11 @@ def _read_csv(path: Path) -> list[MCQItem]:
 
 def read_hub_mcq(dataset: str, config: str | None, split: str = "test",
                  revision: str | None = None) -> tuple[list[MCQItem], str | None]:
-    """A hub question set and the commit it was read at.
-
-    `load_dataset` in two steps, so the builder can say which commit `revision` (None: the
-    default branch) resolved to: the datasets library pins one commit per load (`builder.hash`,
-    also the name of its cache directory), so later pushes cannot mix into a run.
-    """
-    import datasets
-
-    where = f"hub:{dataset}" + (f"/{config}" if config else "") + f" [{split}]" + \
-        (f" @{revision}" if revision else "")
-    try:
-        builder = datasets.load_dataset_builder(dataset, config, revision=revision)
-        builder.download_and_prepare()
-        ds = builder.as_dataset(split=split)
-    except Exception as e:  # noqa: BLE001 - network, auth and missing-config errors alike
-        raise WmdpError(f"{where}: cannot load dataset ({_first_line(e)}); "
-                        "point the task at local files with --data-dir or --task NAME=PATH") from e
-    commit = getattr(builder, "hash", None)
-    items = [validate_record(rec, where, i, unit="item") for i, rec in enumerate(ds, 1)]
-    return items, commit if isinstance(commit, str) else None
+    """A hub question set and the commit it was read at (`revision` None: the default branch)."""
+    ds, commit = read_hub_split(dataset, config, split, revision, HUB_FIX)
+    where = hub_where(dataset, config, split, revision)
+    return [validate_record(rec, where, i, unit="item") for i, rec in enumerate(ds, 1)], commit
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+HUB_FIX = "point the task at local files with --data-dir or --task NAME=PATH"
+MCQ_COLUMNS = ("question", "choices", "answer")
