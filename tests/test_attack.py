@@ -137,3 +137,12 @@ def test_an_unknown_method_and_no_checkpoint_are_refused(tiny):
     with pytest.raises(WmdpError, match="positive checkpoints"):
         finetune(model, tok, texts, FinetuneSettings(), method="full", lr=1e-3, seed=0,
                  checkpoints=[], evaluate=lambda m: {})
+
+
+def test_too_few_texts_name_the_setting():
+    from wmdp.audit.attack import select_texts
+    from wmdp.data.corpus import Corpus
+
+    with pytest.raises(WmdpError, match=r"^3 texts in f, fewer than relearn.num_texts=8$"):
+        select_texts([Corpus("f", ["a b c", "d e f", "g h i"], "t")], 8, [], True,
+                     "relearn.num_texts")

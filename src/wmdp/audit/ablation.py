@@ -38,7 +38,7 @@ from torch import nn
 from wmdp.audit.activations import ratios, token_means
 from wmdp.audit.common import (AuditContext, Subject, interleaved, pooled, recovery_entry,
                                resolve_layers, task_accuracy)
-from wmdp.audit.relearn import select_texts
+from wmdp.audit.attack import select_texts
 from wmdp.errors import WmdpError
 from wmdp.io import read_json, sha256_json
 from wmdp.models import decoder_layers
@@ -154,7 +154,8 @@ def _texts(ctx: AuditContext, config: AblationConfig) -> tuple[dict, dict[str, l
         if not corpora:
             raise WmdpError(f"ablation needs {kind} corpora (--{kind}-corpora)")
     questions = [it for t in ctx.tasks for it in ctx.items[t]]
-    forget, mentioned = select_texts(ctx.forget, config.num_texts, questions, config.disjoint)
+    forget, mentioned = select_texts(ctx.forget, config.num_texts, questions, config.disjoint,
+                                     "ablation.num_texts")
     retain = interleaved(ctx.retain, config.num_texts)[:config.num_texts]
     keep, k = {}, 0
     for t in ctx.tasks:

@@ -78,15 +78,16 @@ def _words(text: str) -> set[str]:
     return {w for w in re.findall(r"\w+", text.lower()) if len(w) > 2}
 
 
-def select_texts(corpora: list[Corpus], n: int, questions: list[MCQItem],
-                 disjoint: bool) -> tuple[list[str], list[bool]]:
+def select_texts(corpora: list[Corpus], n: int, questions: list[MCQItem], disjoint: bool,
+                 setting: str = "num_texts") -> tuple[list[str], list[bool]]:
     """N texts, and for each question whether a chosen text mentions its rarest word (its word
     found in the fewest candidate texts). `disjoint`: the texts that mention no question's rarest
-    word first, so an attack measures knowledge coming back, not facts taught anew."""
+    word first, so an attack measures knowledge coming back, not facts taught anew. `setting`
+    names where N came from, for the error when the corpora hold fewer texts."""
     pool = interleaved(corpora, POOL_PER_TEXT * n)
     if len(pool) < n:
-        raise WmdpError(f"fine-tuning attack: {len(pool)} texts in "
-                        f"{', '.join(c.name for c in corpora)}, fewer than the {n} asked for")
+        raise WmdpError(f"{len(pool)} texts in {', '.join(c.name for c in corpora)}, fewer than "
+                        f"{setting}={n}")
     pool_words = [_words(t) for t in pool]
     freq: dict[str, int] = {}
     for ws in pool_words:

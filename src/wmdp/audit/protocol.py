@@ -155,7 +155,7 @@ def plan_attacks(inputs: ProtocolInputs, config: ProtocolConfig) -> AttackPlan:
     texts, keep = {}, {t: list(range(len(inputs.items[t]))) for t in inputs.forget_tasks}
     for kind in config.data:
         texts[kind], mentioned = select_texts(inputs.corpora[kind], max(config.sizes),
-                                              questions, disjoint=True)
+                                              questions, True, "max(protocol.sizes)")
         if kind == "forget":
             k = 0
             for t in inputs.forget_tasks:

@@ -119,7 +119,8 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
     for kind, cs in corpora.items():
         if not cs:
             raise WmdpError(f"relearn needs {kind} corpora (--{kind}-corpora)")
-        texts[kind], flags = select_texts(cs, config.num_texts, questions, config.disjoint)
+        texts[kind], flags = select_texts(cs, config.num_texts, questions, config.disjoint,
+                                          "relearn.num_texts")
         mentioned[kind] = _split_flags(flags, ctx)
         record[kind] = {"corpora": [c.record() for c in cs], "n": len(texts[kind]),
                         "sha256": sha256_json(texts[kind]),
