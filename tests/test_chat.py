@@ -210,7 +210,7 @@ def test_client_retries_server_errors():
 def test_client_timeout():
     with FakeEndpoint(lambda b, n: (200, "[[5]]", 1.0)) as ep:
         t0 = time.perf_counter()
-        with pytest.raises(JudgeFailure, match="timeout after 2 attempts"):
+        with pytest.raises(JudgeFailure, match=r"timeout \(0.2 s\) after 2 attempts"):
             client(ep.url, timeout=0.2, max_retries=1).complete("s", "u")
         assert time.perf_counter() - t0 < 1.0
 

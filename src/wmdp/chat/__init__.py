@@ -7,7 +7,8 @@
 
 Modules: questions (MT-Bench's layout, the default set), generate (chat-template generation),
 prompts (MT-Bench's judge prompts, the rating parser), backends (endpoint and local judges,
-the judgment cache), judge (grading and averages), run (the `wmdp chat-eval` command).
+the judgment cache), endpoint (the judge endpoint's HTTP: redirects that keep credentials
+at home, a bounded request, masking), judge (grading and averages), run (`wmdp chat-eval`).
 """
 
 from wmdp.chat.backends import ChatCompletionsJudge, JudgmentCache, LocalJudge

@@ -38,6 +38,20 @@ def check_chat_template(tokenizer: Any, chat_template: str | None, where: str) -
                         "with --chat-template FILE (a Jinja template)")
 
 
+def check_chat_renders(tokenizer: Any, questions: Sequence[Question],
+                       chat_template: str | None, system_prompt: str | None, where: str) -> None:
+    """Fail before anything is generated or written when a conversation cannot be rendered:
+    each question at each turn, a placeholder standing in for the answers not yet made."""
+    check_chat_template(tokenizer, chat_template, where)
+    for q in questions:
+        for turn in range(len(q.turns)):
+            try:
+                render_prompt(tokenizer, conversation(q, ["(answer)"] * turn, turn, system_prompt),
+                              chat_template)
+            except WmdpError as e:
+                raise WmdpError(f"{where}: question {q.question_id}, turn {turn + 1}: {e}") from None
+
+
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]],
                   chat_template: str | None = None) -> str:
     """The conversation as text, ending where the assistant's next reply begins."""
@@ -45,7 +59,8 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]],
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                              chat_template=chat_template)
     except Exception as e:  # noqa: BLE001 - jinja2 raises many types; show one line
-        raise WmdpError(f"cannot render the chat template: {str(e).strip()[:300]}") from e
+        raise WmdpError("cannot render the chat template: "
+                        f"{' '.join(str(e).split())[:300]}") from e
 
 
 def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:

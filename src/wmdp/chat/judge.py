@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from wmdp.progress import tqdm
 
 from wmdp.chat.backends import Judge, JudgmentCache
+from wmdp.chat.endpoint import check_api_key, redact_url
 from wmdp.chat.prompts import judge_messages, parse_rating
 from wmdp.chat.questions import CATEGORIES, Question
 from wmdp.errors import WmdpError
@@ -57,19 +58,32 @@ class JudgeConfig:
             if not (math.isfinite(value) and value > 0):  # NaN compares false to everything
                 raise WmdpError(f"--judge-{name.replace('_', '-')} is {value}, expected a "
                                 "positive finite number")
-        if self.backend == "openai":
-            try:
-                url = urllib.parse.urlsplit(self.base_url)
-                scheme, host = url.scheme, url.hostname
-            except ValueError:  # e.g. an unclosed IPv6 bracket
-                scheme, host = "", None
-            if scheme not in ("http", "https") or not host:
-                raise WmdpError(f"--judge-base-url {self.base_url!r} is not an http(s) URL "
-                                "(e.g. https://api.openai.com/v1)")
         if not (self.max_retries >= 0 and 0 <= self.backoff < math.inf):
             raise WmdpError("judge retries and backoff cannot be negative")
-        if self.backend == "openai" and self.api_key_env and not os.environ.get(self.api_key_env):
+        if self.backend == "openai":
+            self._check_endpoint()
+
+    def _check_endpoint(self) -> None:
+        """The URL and the key, in messages that show neither's secret."""
+        shown = redact_url(self.base_url)
+        try:
+            url = urllib.parse.urlsplit(self.base_url)
+            scheme, host, userinfo = url.scheme, url.hostname, url.username or url.password
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            scheme, host, userinfo = "", None, None
+        if scheme not in ("http", "https") or not host or any(
+                not "!" <= c <= "~" for c in self.base_url):
+            raise WmdpError(f"--judge-base-url {shown!r} is not an http(s) URL "
+                            "(e.g. https://api.openai.com/v1)")
+        if userinfo and self.api_key_env:
+            raise WmdpError(f"--judge-base-url {shown!r} holds credentials (user:key@) and "
+                            f"--judge-api-key-env names ${self.api_key_env}: give one of them")
+        name = self.key_env()
+        key = os.environ.get(name) if name else None
+        if self.api_key_env and not key:
             raise WmdpError(f"judge API key: ${self.api_key_env} is not set")
+        if name and key:
+            check_api_key(name, key)
 
     def key_env(self) -> str | None:
         if self.api_key_env:
@@ -78,6 +92,7 @@ class JudgeConfig:
 
     def record(self) -> dict[str, Any]:
         rec = asdict(self)  # the variable's name, and whether it held a key; never the key
+        rec["base_url"] = redact_url(self.base_url)  # nor a key in the URL's userinfo
         rec["api_key_env"] = self.key_env() if self.backend == "openai" else None
         rec["api_key_set"] = bool(rec["api_key_env"] and os.environ.get(rec["api_key_env"]))
         return rec

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +29,15 @@ from typing import Any
 import torch
 
 from wmdp.chat.backends import ChatCompletionsJudge, Judge, JudgmentCache, LocalJudge
-from wmdp.chat.generate import check_chat_template, generate_answers, read_chat_template
+from wmdp.chat.generate import check_chat_renders, generate_answers, read_chat_template
 from wmdp.chat.judge import JudgeConfig, chat_scores, judge_answers, judge_spec
 from wmdp.chat.questions import (CATEGORY_TEMPERATURE, Question, answer_turns,
                                  default_questions_path, load_questions, load_references,
                                  questions_hash)
 from wmdp.config import from_dict, to_dict
 from wmdp.errors import DataError, WmdpError
-from wmdp.io import (jsonl_records, library_versions, prepare_output_dir, read_json, sha256_json,
-                     write_json, write_jsonl)
+from wmdp.io import (check_apart, jsonl_records, library_versions, prepare_output_dir,
+                     read_json, sha256_json, write_json, write_jsonl)
 from wmdp.model_spec import ModelSpec
 from wmdp.models import check_model_source, load_model, load_tokenizer
 
@@ -136,14 +137,17 @@ def _model_record(model: Any, tokenizer: Any) -> dict[str, Any]:
             "tokenizer_chat_template_sha256": sha256_json(getattr(tokenizer, "chat_template", None))}
 
 
-def _make_judge(config: ChatEvalConfig) -> tuple[Judge, Any]:
-    """The judge, and a local judge model to free afterwards (None for an endpoint)."""
+def _endpoint_judge(config: ChatEvalConfig) -> ChatCompletionsJudge:
     j = config.judge
-    if j.backend == "openai":
-        return ChatCompletionsJudge(j.model or "", j.base_url, j.key_env(), timeout=j.timeout,
-                                    max_retries=j.max_retries, backoff=j.backoff,
-                                    concurrency=j.concurrency, max_tokens=j.max_tokens,
-                                    temperature=j.temperature), None
+    return ChatCompletionsJudge(j.model or "", j.base_url, j.key_env(), timeout=j.timeout,
+                                max_retries=j.max_retries, backoff=j.backoff,
+                                concurrency=j.concurrency, max_tokens=j.max_tokens,
+                                temperature=j.temperature)
+
+
+def _local_judge(config: ChatEvalConfig) -> tuple[Judge, Any]:
+    """The local judge, and its model to free afterwards."""
+    j = config.judge
     model, tokenizer = load_model(j.model or "", dtype=j.dtype, device=config.device,
                                   device_map=config.device_map,
                                   trust_remote_code=config.trust_remote_code)
@@ -154,11 +158,27 @@ def _make_judge(config: ChatEvalConfig) -> tuple[Judge, Any]:
                       batch_size=j.batch_size), model
 
 
+def _check_cache(config: ChatEvalConfig, output: Path) -> Path | None:
+    """The judge cache (None without a judge), checked before anything is written: an output,
+    it is never an input nor another of the run's files, and it can be read and appended to."""
+    if config.judge.backend == "none":
+        return None
+    cache = Path(config.judge.cache) if config.judge.cache else output / JUDGE_CACHE
+    check_apart(cache, config.inputs(), kind="judge cache")
+    own = {(output / name).absolute().resolve() for name in (ANSWERS, JUDGMENTS, CHAT_RESULTS)}
+    if cache.absolute().resolve() in own:
+        raise WmdpError(f"--judge-cache {cache} is one of the run's own files; give another file")
+    JudgmentCache.check(cache)
+    return cache
+
+
 def run_chat_eval(config: ChatEvalConfig, output: str | Path, overwrite: bool = False,
                   progress: bool = True, model: Any = None, tokenizer: Any = None) -> dict:
     """Answer (or resume), judge, write the files; returns chat_results.json's content.
 
     `model`/`tokenizer`: a model already in memory (the pipeline's); else `config.model` loads.
+    What can fail on the settings, the files, the chat template or the judge's key fails
+    before anything is written.
     """
     config.check()
     questions = load_questions(config.questions)
@@ -169,8 +189,26 @@ def run_chat_eval(config: ChatEvalConfig, output: str | Path, overwrite: bool = 
         check_model_source(config.judge.model or "")
     if model is None:  # a model that cannot chat fails before anything is written or loaded
         check_model_source(config.model)
-        check_chat_template(load_tokenizer(config.model, config.revision,
-                                           config.trust_remote_code), template, config.model)
+    renders_with = tokenizer if model is not None else load_tokenizer(
+        config.model, config.revision, config.trust_remote_code)
+    check_chat_renders(renders_with, questions, template, config.system_prompt, config.model)
+    output = Path(output)
+    cache = _check_cache(config, output)
+    endpoint = _endpoint_judge(config) if config.judge.backend == "openai" else None
+    try:
+        if endpoint is not None and (overwrite or not (output / CHAT_RESULTS).is_file()):
+            endpoint.check_access()  # a refused key stops a fresh run before it writes
+        return _run(config, output, overwrite, progress, model, tokenizer, questions, judged,
+                    template, cache, endpoint)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _run(config: ChatEvalConfig, output: Path, overwrite: bool, progress: bool, model: Any,
+         tokenizer: Any, questions: list[Question], judged: list[Question],
+         template: str | None, cache: Path | None,
+         endpoint: ChatCompletionsJudge | None) -> dict:
     fingerprint = config.fingerprint(questions, template)
     out = prepare_output_dir(output, overwrite, CHAT_RESULTS, fingerprint, inputs=config.inputs())
     record = {"config": {**to_dict(config), "judge": config.judge.record()},
@@ -186,20 +224,24 @@ def run_chat_eval(config: ChatEvalConfig, output: str | Path, overwrite: bool = 
     if any(q.question_id not in answers for q in questions):
         generation = _answer(config, questions, answers, template, out, progress, model, tokenizer)
     summary: dict[str, Any] = {"score": None}
-    if config.judge.backend != "none":
-        summary.update(_judge(config, judged, answers, out, progress))
+    if cache is not None:
+        summary.update(_judge(config, judged, answers, out, cache, endpoint, progress))
     summary.update(record, generation=generation, complete=True, versions=library_versions())
     write_json(out / CHAT_RESULTS, summary)
+    if summary.get("failed"):  # complete, but its score is not: say so
+        print(f"wmdp: chat-eval: {summary['failed']} of {summary['judgments']} judgments "
+              f"failed (first: {summary['judging']['first_failure']}); rerun the same command "
+              "to ask them again", file=sys.stderr)
     return summary
 
 
 def _judge(config: ChatEvalConfig, questions: list[Question], answers: dict[Any, dict],
-           out: Path, progress: bool) -> dict[str, Any]:
+           out: Path, cache: Path, endpoint: ChatCompletionsJudge | None,
+           progress: bool) -> dict[str, Any]:
     """Judge every turn (cached judgments are not asked again); the scores and a record."""
     t0 = time.perf_counter()
-    judge, judge_model = _make_judge(config)
-    cache = JudgmentCache(config.judge.cache or out / JUDGE_CACHE)
-    judgments = judge_answers(questions, answers, judge, cache, progress)
+    judge, judge_model = (endpoint, None) if endpoint is not None else _local_judge(config)
+    judgments = judge_answers(questions, answers, judge, JudgmentCache(cache), progress)
     requests_sent = getattr(judge, "requests_sent", None)
     if judge_model is not None:
         judge = judge_model = None  # type: ignore[assignment]
@@ -208,7 +250,9 @@ def _judge(config: ChatEvalConfig, questions: list[Question], answers: dict[Any,
     return {**chat_scores(judgments),
             "judging": {"seconds": round(time.perf_counter() - t0, 3),
                         "cached": sum(j["cached"] for j in judgments),
-                        "requests_sent": requests_sent}}
+                        "requests_sent": requests_sent,
+                        "first_failure": next((j["error"] for j in judgments
+                                               if j["status"] == "failed"), None)}}
 
 
 def _answer(config: ChatEvalConfig, questions: list[Question], answers: dict[Any, dict],
