@@ -10,9 +10,10 @@
 #   bc5e1ba unchanged). Default: the snapshot at /work/.mirror/manwaner333+wmdp_qing/repo.
 # VENV: where the separate environment goes (default /tmp/ref-venv): Python 3.11,
 #   transformers==4.38.2 (the reference's requirements.txt), torch 2.13.0 (the CPU wheel this
-#   project installs; the reference pinned torch 2.1.2, which has no wheel for Python 3.11 on
-#   this machine's index. Both sides of the test run the same torch, so the attention kernels are
-#   the same and only transformers differs), sentencepiece (its slow tokenizer).
+#   project installs, not the reference's torch 2.1.2, whose Linux wheel on PyPI brings
+#   gigabytes of CUDA libraries: both sides of the test then run the same torch, so the
+#   attention kernels are the same and only transformers differs), sentencepiece (its slow
+#   tokenizer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF_GIT=${1:-/work/.mirror/manwaner333+wmdp_qing/repo}
@@ -49,8 +50,8 @@ cat > "$OUT/PROVENANCE.md" <<EOF
   the commit; this one was made from a snapshot of the fork manwaner333/wmdp_qing, whose history
   holds $COMMIT unchanged) and imported unmodified.
 - Environment: $VERSIONS (CPU, one thread). The reference pins transformers 4.38.2 and torch
-  2.1.2; torch 2.1.2 has no wheel for this Python on this machine's index, so the torch the
-  project installs (2.13.0) ran it: the same torch as the wmdp side of the test.
+  2.1.2; the torch the project installs (2.13.0, CPU) ran it instead: the same torch as the wmdp
+  side of the test, so only transformers differs.
 - Command: \`bash scripts/rmu_reference_golden.sh\` (driver: scripts/rmu_reference_golden.py,
   whose docstring lists the one I/O patch, float32 on the CPU instead of load_model's float16 and
   device_map="auto", and what is only recorded).
