@@ -116,8 +116,9 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return files
 
 
-def chat_eval(capsys, tmp_path, model, url, *flags, env_key=None, inputs=()):
-    """Run `wmdp chat-eval` once; check what holds for every case; (code, stdout, stderr)."""
+def chat_eval(capsys, tmp_path, model, url, *flags, env_key=None, inputs=(), late=False):
+    """Run `wmdp chat-eval` once; check what holds for every case; (code, stdout, stderr).
+    `late`: an error found after the answers were made, so progress lines come before it."""
     out = tmp_path / "out"
     watched = [model, *inputs]
     before = snapshot(*watched)
@@ -135,13 +136,17 @@ def chat_eval(capsys, tmp_path, model, url, *flags, env_key=None, inputs=()):
     assert snapshot(*watched) == before  # every input byte-identical
     secrets = [s for s in (KEY, PASSWORD, env_key) if s]
     secrets += [part for s in secrets for part in s.split("\n") if len(part) > 4]
-    written = "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
+    written = "".join(p.read_text(errors="replace")  # the output, a cache beside it
+                      for p in tmp_path.rglob("*") if p.is_file())
     for secret in secrets:
         assert secret not in stdout + stderr + written
     assert "Traceback" not in stderr
     wmdp_lines = [line for line in stderr.splitlines() if line.startswith("wmdp:")]
     if code != 0:
-        assert code == 2 and stderr.count("\n") == 1 and len(wmdp_lines) == 1, stderr
+        lines = stderr.splitlines()
+        progress = [line for line in lines[:-1] if re.match(r"(answers|judging .*): \d+/", line)]
+        assert code == 2 and lines[-1:] == wmdp_lines, stderr
+        assert len(lines) == 1 or late and progress == lines[:-1], stderr
         assert not out.exists() or not any(out.iterdir())  # nothing left behind
     return code, stdout, stderr
 
@@ -218,6 +223,19 @@ def test_a_refused_key_echoed_back_is_one_line_before_anything_is_written(
     assert err == (f"wmdp: judge endpoint {judge.url}/chat/completions: HTTP 401, the key was "
                    f"refused {hint}\n")
     assert [s["path"] for s in judge.seen] == ["/v1/models"]  # no answer generated, no judgment
+
+
+@pytest.mark.parametrize("models", [200, 404])
+def test_a_key_refused_only_when_judging_leaves_no_output(capsys, tmp_path, chat_model, serve,
+                                                          models):
+    """An endpoint whose /models takes any key (or has none): the refusal comes after the
+    answers were made, and the failed run's output is removed."""
+    judge = serve(lambda m, path, h: (rating(m, path, h) if models == 200 else error(404, "no"))
+                  if path.endswith("/models") else echo_key(401)(m, path, h))
+    code, _, err = chat_eval(capsys, tmp_path, chat_model, judge.url, env_key=KEY, late=True)
+    assert code == 2 and err.splitlines()[-1].startswith(f"wmdp: judge endpoint {judge.url}/chat/completions: "
+                                        "HTTP 401, the key was refused"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_error_body_echoing_the_key_is_masked_in_the_judgments(capsys, tmp_path, chat_model,
