@@ -11,6 +11,7 @@ quantization restores everything, and 8-bit, whose grid is finer, does not.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,21 @@ def test_quantization_catches_the_hider_and_not_the_oracle(subjects):
         acc8 = result["tasks"][t]["bits"]["8"]["unlearned"]["acc"]
         assert acc8 < rec["base"] - 0.2
     assert rec["attacked_in_sample"] >= rec["attacked"] - 1e-9
+
+
+def test_wmdp_audit_runs_the_quantize_attack_by_name(tmp_path, capsys):
+    from wmdp.cli import main
+
+    out = tmp_path / "audit"
+    argv = ["audit", "--model", str(SANDBOX / "model"), "--base", str(SANDBOX / "model"),
+            "--data-dir", str(SANDBOX / "data"), "--tasks", "sandbox_bio",
+            "--attacks", "quantize", "--set", "quantize.bits=[4]", "--output", str(out)]
+    assert main(argv) == 0
+    record = json.loads((out / "audit.json").read_text())
+    result = record["attacks"]["quantize"]
+    assert result["bits"] == [4] and result["config"] == {"bits": [4], "exclude": ["lm_head"]}
+    # the same model on both sides: no gap, and the sentence says so
+    assert "no gap to recover" in record["verdicts"]["quantize"]
+    assert "quantize" in (out / "verdicts.md").read_text()
+    assert main(argv[:-2] + ["--output", str(tmp_path / "o2"), "--set", "quantize.bits=[3]"]) == 2
+    assert "quantize.bits: 3 is not one of 8, 4" in capsys.readouterr().err

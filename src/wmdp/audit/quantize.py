@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from optimum.quanto import freeze, qint4, qint8, quantize
 from torch import nn
 
-from wmdp.audit.common import AuditContext, recovered_fraction, recovery_entry
+from wmdp.audit.common import AuditContext, recovery_entry
 from wmdp.errors import WmdpError
 from wmdp.scoring import Request, loglikelihoods
 from wmdp.stats import bootstrap_ci, cross_fit_best, share_ci
@@ -45,11 +46,6 @@ class QuantizeConfig:
 
 def quantized_copy(model: nn.Module, bits: int, exclude: list[str]) -> nn.Module:
     """A copy of `model` whose linear weights are quantized to `bits` (weight-only)."""
-    try:  # an optional dependency (`pip install wmdp[quantize]`), imported where it is used
-        from optimum.quanto import freeze, qint4, qint8, quantize
-    except ImportError as e:
-        raise WmdpError("the quantize attack needs optimum-quanto: pip install "
-                        "'optimum-quanto>=0.2'") from e
     if bits not in BITS:
         raise WmdpError(f"quantize.bits: {bits} is not one of {', '.join(map(str, BITS))}")
     q = copy.deepcopy(model)
@@ -74,19 +70,29 @@ def _chosen(scores: np.ndarray, fit: Any) -> np.ndarray:
     return out
 
 
+def _scores(ctx: AuditContext, config: QuantizeConfig) -> dict[str, dict[str, np.ndarray]]:
+    """role -> task -> (widths, questions) correctness. One quantized copy is held at a time."""
+    requests = {name: [Request(c, tuple(k)) for c, k in
+                       (build_prompt(i, ctx.tasks[name], ctx.style) for i in ctx.items[name])]
+                for name in ctx.tasks}
+    out = {role: {name: np.zeros((len(config.bits), len(ctx.items[name]))) for name in ctx.tasks}
+           for role in ctx.subjects}
+    for k, bits in enumerate(config.bits):
+        for role, subject in ctx.subjects.items():
+            q = quantized_copy(subject.model, bits, config.exclude)
+            for name in ctx.tasks:
+                out[role][name][k] = _correct(q, subject.tokenizer, requests[name],
+                                              [i.answer for i in ctx.items[name]], ctx, role,
+                                              ctx.progress and f"quantize {name} {bits}-bit ({role})")
+            del q
+    return out
+
+
 def quantize_task(ctx: AuditContext, name: str, config: QuantizeConfig,
-                  models: dict[str, dict[int, nn.Module]]) -> tuple[dict, dict]:
-    """(the task's figures, its recovery entry) for one audited task."""
-    task, items = ctx.tasks[name], ctx.items[name]
-    requests = [Request(c, tuple(k)) for c, k in (build_prompt(i, task, ctx.style) for i in items)]
-    answers = [i.answer for i in items]
-    correct = {role: np.array([_correct(models[role][b], ctx.subjects[role].tokenizer, requests,
-                                        answers, ctx, role,
-                                        ctx.progress and f"quantize {name} {b}-bit ({role})")
-                               for b in config.bits])
-               for role in ctx.subjects}
+                  correct: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """(the task's figures, its recovery entry) from each role's (widths, questions) scores."""
     plain = {role: np.asarray(ctx.reference[role][name], float) for role in ctx.subjects}
-    out: dict = {"n": len(items), "bits": {}}
+    out: dict = {"n": len(ctx.items[name]), "bits": {}}
     for k, b in enumerate(config.bits):
         out["bits"][str(b)] = {role: {"acc": float(c[k].mean()),
                                       "ci95": list(bootstrap_ci(c[k], seed=ctx.seed))}
@@ -114,11 +120,14 @@ def run_quantize(ctx: AuditContext, config: QuantizeConfig) -> dict:
     """Every audited task under each width, for every model under audit."""
     if not config.bits:
         raise WmdpError("quantize.bits is empty: give 8, 4 or both")
-    models = {role: {b: quantized_copy(s.model, b, config.exclude) for b in config.bits}
-              for role, s in ctx.subjects.items()}
+    for b in config.bits:
+        if b not in BITS:
+            raise WmdpError(f"quantize.bits: {b} is not one of {', '.join(map(str, BITS))}")
+    scores = _scores(ctx, config)
     tasks, recovery = {}, {}
     for name in ctx.tasks:
-        tasks[name], recovery[name] = quantize_task(ctx, name, config, models)
+        tasks[name], recovery[name] = quantize_task(
+            ctx, name, config, {role: scores[role][name] for role in ctx.subjects})
     return {"bits": list(config.bits), "exclude": list(config.exclude), "tasks": tasks,
             "recovery": recovery,
             "selection": "the width chosen on one half of the questions and reported on the "
@@ -128,9 +137,10 @@ def run_quantize(ctx: AuditContext, config: QuantizeConfig) -> dict:
 def quantize_text(fig: dict, result: dict) -> str:
     """The verdict's sentence, from its pooled figures (`wmdp.audit.verdicts`)."""
     u, b, a, ba = fig["unlearned"], fig["base"], fig["attacked"], fig["base_attacked"]
-    frac = recovered_fraction(a, u, b)
+    frac = fig.get("recovered_fraction")
     bits = ", ".join(f"{x}-bit" for x in result["bits"])
-    gap = "no gap to recover" if frac is None else f"{frac:.0%} of the gap recovered"
+    gap = ("no gap to recover (no task where the base model is above chance and unlearning "
+           "opened a gap)" if frac is None else f"{frac:.0%} of the gap recovered")
     return (f"weight-only quantization ({bits}; the width chosen on other questions) moves the "
             f"unlearned model from {u:.2f} to {a:.2f} (base {b:.2f}, quantized {ba:.2f}): {gap}. "
             f"On all {fig['n']} questions, each reported under a width chosen without it.")

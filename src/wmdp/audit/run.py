@@ -35,6 +35,7 @@ from wmdp.audit.plots import PLOTS, plot_attack
 from wmdp.audit.probe import ProbeConfig, run_probe
 from wmdp.audit.protocol import ProtocolConfig, check_grid
 from wmdp.audit.protocol_audit import run_protocol_attack
+from wmdp.audit.quantize import QuantizeConfig, run_quantize
 from wmdp.audit.relearn import RelearnConfig, check_parallel, check_relearn, run_relearn
 from wmdp.audit.verdicts import gap_tasks, verdict
 from wmdp.config import apply_overrides, from_dict, load_yaml, to_dict
@@ -50,9 +51,9 @@ from wmdp.unlearn.parallel import shard_model
 AUDIT = "audit.json"
 ATTACKS: dict[str, Callable[[AuditContext, Any], dict]] = {
     "probe": run_probe, "relearn": run_relearn, "gcg": run_gcg, "fewshot": run_fewshot,
-    "activations": run_activations, "ablation": run_ablation}
+    "activations": run_activations, "ablation": run_ablation, "quantize": run_quantize}
 ATTACKS["protocol"] = run_protocol_attack  # the relearning protocol: a grid of fine-tuning runs
-OPT_IN = ("protocol",)                     # so it runs only when named
+OPT_IN = ("protocol", "quantize")          # so they run only when named
 NEEDS_CORPORA = ("relearn", "activations", "protocol", "ablation")
 DATA_PARALLEL = ("relearn",)               # the attacks that run under torchrun (FSDP)
 AUDIT_LAYOUT = """\
@@ -102,6 +103,7 @@ class AuditConfig(ModelSpec):
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     def fingerprint(self) -> str:
         """The shared settings; each attack's own settings are checked when it resumes."""

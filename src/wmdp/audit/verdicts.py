@@ -22,6 +22,7 @@ from typing import Any
 
 from wmdp.audit.activations import ELEVATED
 from wmdp.audit.common import MIN_GAP, pooled, recovered_fraction, wilson_interval
+from wmdp.audit.quantize import quantize_text
 
 CHANCE = 0.25  # four choices
 PROTOCOL_DATA = {"forget": "forget texts", "retain": "retain texts (the control)",
@@ -127,6 +128,9 @@ def verdict(attack: str, result: dict, tasks: list[str] | None = None) -> dict:
                 f"against {u:.2f} 0-shot (base {b:.2f}, its best prompt {ba:.2f}): {gap}. On "
                 f"the {n} report questions; each model's best prompt was chosen on other "
                 "questions.")
+    elif attack == "quantize":
+        fig["bits"] = result["bits"]
+        text = quantize_text(fig, result)
     else:
         raise ValueError(attack)
     return {**fig, "text": text}
