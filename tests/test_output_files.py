@@ -122,6 +122,46 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
+# --- a failed command leaves its outputs as it found them -------------------------------------
+
+def test_an_input_error_removes_only_what_the_command_made(tmp_path):
+    """What `wmdp` runs each command inside: a failure removes the directories the command made
+    (with the parents it made), keeps a resumed output and a shared cache; Ctrl-C keeps all."""
+    from wmdp.errors import WmdpError
+    from wmdp.io import (outputs_removed_on_error, prepare_output_dir, release_output_locks,
+                         shared_dir_lock, write_json)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    write_json(resumed / "run.json", {"fingerprint": 1})
+    (resumed / "stage.txt").write_text("finished before")
+
+    def command(failure: BaseException) -> None:
+        with outputs_removed_on_error():
+            prepare_output_dir(resumed, False, "run.json", 1)
+            new = prepare_output_dir(tmp_path / "a" / "b" / "new", False)
+            (new / "results.json").write_text("partial")
+            (resumed / "stage2.txt").write_text("partial")  # inside a resumed output: kept
+            with shared_dir_lock(tmp_path / "shared", "a cache"):
+                built = prepare_output_dir(tmp_path / "shared", False, "build.json", 1)
+                write_json(built / "build.json", {"fingerprint": 1})
+                (built / "model").write_text("built")
+            raise failure
+
+    try:
+        with pytest.raises(WmdpError, match="^found late$"):
+            command(WmdpError("found late"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "resumed", "shared"]
+        assert sorted(p.name for p in resumed.iterdir()) == ["run.json", "stage.txt",
+                                                              "stage2.txt"]
+        assert (tmp_path / "shared" / "model").read_text() == "built"
+        with pytest.raises(KeyboardInterrupt):
+            command(KeyboardInterrupt())
+        assert (tmp_path / "a" / "b" / "new" / "results.json").read_text() == "partial"
+    finally:
+        release_output_locks()
+
+
 # --- files a colleague can read -----------------------------------------------------------------
 
 def _modes(root: Path) -> dict[str, int]:

@@ -354,7 +354,9 @@ def prepare_output_dir(path: str | Path, overwrite: bool, resumable_marker: str 
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WmdpError(f"{path}: cannot create the output directory ({e.strerror or e})") from None
-    if _NEW_OUTPUTS is not None and _output_key(path) not in _SHARED:
+    key = _output_key(path)
+    if _NEW_OUTPUTS is not None and not any(key == k or key.startswith(k + os.sep)
+                                            for k in _SHARED):
         _NEW_OUTPUTS.append((path.absolute(), created))
     _check_writable(path)
     return path
