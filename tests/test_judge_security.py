@@ -421,3 +421,22 @@ def test_a_chat_template_that_fails_to_render_leaves_nothing(capsys, tmp_path, c
                              str(path), *flags, env_key=KEY, inputs=[path])
     assert code == 2 and expected in err, err
     assert judge.seen == []
+
+
+# --- a proxy from the environment, as urllib honoured it ---------------------------------------
+
+def test_an_http_proxy_from_the_environment_is_used_and_no_proxy_bypasses_it(serve, monkeypatch):
+    judge = serve(lambda m, path, h: completion(f"direct {path}"))
+    proxy = serve(lambda m, target, h: completion(f"proxied {target}"))  # absolute-form target
+    for name in ("http_proxy", "NO_PROXY", "no_proxy"):  # lower case wins over upper in urllib
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.origin)
+    client = ChatCompletionsJudge("judge", judge.url, None, timeout=2, max_retries=0)
+    assert client.complete("s", "u") == f"proxied {judge.url}/chat/completions"
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    client = ChatCompletionsJudge("judge", judge.url, None, timeout=2, max_retries=0)
+    assert client.complete("s", "u") == "direct /v1/chat/completions"
+    monkeypatch.setenv("HTTP_PROXY", f"socks5://{USER}:{PASSWORD}@127.0.0.1:1")
+    monkeypatch.delenv("NO_PROXY")
+    with pytest.raises(WmdpError, match=r"proxy socks5://\*\*\*@127.0.0.1:1 .* not an http\(s\)"):
+        ChatCompletionsJudge("judge", judge.url, None)

@@ -204,6 +204,9 @@ def _environment_proxy(url: str) -> httpcore2.Proxy | None:
     proxy = urllib.request.getproxies().get(parts.scheme)
     if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
         return None
+    if urllib.parse.urlsplit(proxy).scheme not in ("http", "https"):
+        raise WmdpError(f"the {parts.scheme} proxy {redact_url(proxy)} set in the environment is "
+                        "not an http(s) proxy, the only kind the judge client speaks")
     p = httpx2.Proxy(proxy)  # its userinfo becomes Proxy-Authorization
     return httpcore2.Proxy(str(p.url), auth=p.raw_auth, headers=p.headers.raw)
 
