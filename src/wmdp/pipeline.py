@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 from wmdp.config import check_keys, load_config, schema, to_dict, unknown_name
 from wmdp.errors import WmdpError
-from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json, write_json,
-                     write_jsonl)
+from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json,
+                     shared_dir_lock, write_json, write_jsonl)
 from wmdp.model_spec import ModelSpec
 from wmdp.preflight import Preflight
 from wmdp.tasks import Registry
@@ -268,7 +268,8 @@ class Pipeline:
     def build_sandbox(self) -> None:
         from wmdp.sandbox.build import build_sandbox
 
-        build_sandbox(self.sandbox_dir, self.sandbox_cfg, progress=self.progress)
+        with shared_dir_lock(self.sandbox_dir, "the sandbox cache"):  # a 2nd run waits
+            build_sandbox(self.sandbox_dir, self.sandbox_cfg, progress=self.progress)
 
     def _task_files(self) -> dict[str, str]:
         files = dict(self.config.eval.task_files)

@@ -32,8 +32,8 @@ from wmdp.config import apply_overrides, from_dict, load_yaml, to_dict
 from wmdp.data.corpus import load_corpus
 from wmdp.data.mcq import load_mcq_file
 from wmdp.errors import WmdpError
-from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_file, sha256_json,
-                     write_json)
+from wmdp.io import (give_umask_mode, library_versions, prepare_output_dir, read_json,
+                     sha256_file, sha256_json, write_json)
 from wmdp.sandbox.data import TRAIN_QA, training_texts, write_data
 from wmdp.sandbox.evaluation import accuracy, final_eval
 from wmdp.sandbox.oracle import describe_oracle, with_oracle
@@ -182,6 +182,7 @@ def _build(out: Path, config: SandboxConfig, progress: bool) -> dict:
 
     trainer.model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
+    give_umask_mode(model_dir)  # safetensors writes 0600
     results = final_eval(model_dir, data_dir, out / "eval")
     manifest = {
         "seed": config.seed, "preset": config.preset, "fingerprint": fingerprint(config),

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from wmdp.io import sha256_file, write_json
+from wmdp.io import give_umask_mode, sha256_file, write_json
 from wmdp.sandbox.data import oracle_texts, training_texts
 from wmdp.sandbox.evaluation import accuracy, final_eval
 from wmdp.sandbox.train import CHECKPOINT, Trainer
@@ -76,6 +76,7 @@ def build_oracle(out: Path, config: Any, manifest: dict, progress: bool = True) 
     log = trainer.train()
     trainer.model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
+    give_umask_mode(model_dir)  # safetensors writes 0600
     results = final_eval(model_dir, data_dir, root / "eval")
     return {
         "model_dir": f"{ORACLE}/model",

@@ -27,8 +27,8 @@ from wmdp.config import to_dict
 from wmdp.data.corpus import Corpus, load_corpus
 from wmdp.distributed import barrier, is_main, is_sharded, on_main, rank_world
 from wmdp.errors import WmdpError
-from wmdp.io import (atomic_write_text, library_versions, prepare_output_dir, sha256_json,
-                     write_json)
+from wmdp.io import (atomic_write_text, give_umask_mode, library_versions, prepare_output_dir,
+                     sha256_json, write_json)
 from wmdp.model_spec import ModelSpec
 from wmdp.models import TrainedTensor, check_model_source, input_device, resolve_device
 from wmdp.layers import forward_to_layer
@@ -381,6 +381,7 @@ def save_model(model: nn.Module, tokenizer: Any, out: Path, record: dict) -> Non
     else:
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    give_umask_mode(tmp)  # safetensors writes 0600
     for f in tmp.iterdir():
         f.replace(out / f.name)
     tmp.rmdir()
