@@ -9,6 +9,9 @@ parquet folder. Served over HTTP, the real `huggingface_hub`, `datasets` and tra
 loaders run unchanged (resolve/, the tree and paths-info APIs, the card's `configs:`), and the
 gated corpus answers 401/403 with `X-Error-Code: GatedRepo` as the hub does.
 
+Served: cais/wmdp (its April 2024 revision and an earlier one), cais/wmdp-corpora, the gated
+cais/wmdp-bio-forget-corpus, cais/mmlu, Salesforce/wikitext (also as `wikitext`), lm-eval's
+EleutherAI/wikitext_document_level, and the shipped configs' models at reduced width.
 Every layout (file names, folders, formats, columns and types, config names, splits) comes from
 the hub's public pages as the lead recorded them (/work/notes/hub_layouts.md, 2026-12-08); each
 builder below names its page. The content is fictional sandbox text, never real WMDP items.
@@ -39,7 +42,8 @@ GRANTED_TOKEN = "hf_fixture_granted"
 # fixture names its earlier commit with a made-up hash.
 WMDP_APRIL_2024 = "8b85378e501fe9b3fb2694b04bcd2970bc7c7235"
 WMDP_MARCH_2024 = "f1c7ed0000000000000000000000000000000000"  # fictional: real hash unknown
-WMDP_SIZES = {"april": {"bio": 12, "cyber": 10, "chem": 6}, "march": {"bio": 14, "cyber": 13, "chem": 7}}
+WMDP_SIZES = {"april": {"bio": 12, "cyber": 10, "chem": 6},   # fewer, as April's release has
+              "march": {"bio": 14, "cyber": 13, "chem": 7}}
 # cais/mmlu's 57 subject configs (its card's `configs:` list, alphabetical; `all` left out)
 MMLU_SUBJECTS = tuple("""abstract_algebra anatomy astronomy business_ethics clinical_knowledge
 college_biology college_chemistry college_computer_science college_mathematics college_medicine
@@ -112,7 +116,8 @@ def _card(configs: dict[str, list[tuple[str, str]]], features: dict[str, list[di
 
 def _mcq_table(prefix: str, n: int, subject: str | None = None,
                order: tuple[str, ...] = ("answer", "question", "choices")) -> pa.Table:
-    """Fictional four-choice questions: `question` string, `choices` list<string>, `answer` int64."""
+    """Fictional four-choice questions: `question` string, `choices` list<string>, `answer`
+    int64, in the column order given."""
     cols = {"question": pa.array([f"In the sandbox world, which {prefix} glyph follows mark {i}?"
                                   for i in range(n)], pa.string()),
             "choices": pa.array([[f"glyph {i}-{c}" for c in "wxyz"] for i in range(n)],
@@ -134,7 +139,8 @@ MCQ_FEATURES = [{"name": "answer", "dtype": "int64"}, {"name": "question", "dtyp
 
 
 def wmdp() -> Repo:
-    """cais/wmdp: https://huggingface.co/datasets/cais/wmdp/tree/af0a75c27ad8107b5bdc74c61541ccbd9b0bab64
+    """cais/wmdp:
+    https://huggingface.co/datasets/cais/wmdp/tree/af0a75c27ad8107b5bdc74c61541ccbd9b0bab64
     (one folder per config, one `test-00000-of-00001.parquet` each; card `configs:` as at
     commit 9f9db0c; columns question/choices/answer; April 2024 order answer, question, choices)."""
     repo = Repo("cais/wmdp", "dataset")
@@ -243,47 +249,69 @@ def wikitext_document_level() -> Repo:
 ZEPHYR_CHAT_TEMPLATE = (
     "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
     "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
     "{% elif message['role'] == 'assistant' %}\n"
     "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
     "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
     "{% endfor %}")
 
 
-def save_zephyr_shaped(out: Path, tokenizer_dir: Path, hidden: int = 64, seed: int = 0) -> Path:
-    """HuggingFaceH4/zephyr-7b-beta at reduced width: its config (Mistral, 32 layers, 32 heads,
-    8 KV heads, bf16) with only the widths scaled down, random weights in sharded safetensors
-    with an index (the hub's `model-0000k-of-0000n.safetensors`), Mistral-7B's real tokenizer,
-    zephyr's chat template and `</s>` as pad token."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
+# Each model repository the shipped configs name, as its hub config.json gives it; the fixture
+# scales the widths down only (hidden and intermediate sizes keep their ratio; layers, heads,
+# experts, layer ids stay). Yi's own tokenizer is not among the fixtures: the Yi-shaped
+# repository carries Mistral-7B's tokenizer, so its vocabulary is 32,000, not 64,000.
+MODEL_SHAPES: dict[str, dict] = {
+    "HuggingFaceH4/zephyr-7b-beta": {  # mistral-7b-v0.1's config (tokenizers/.../config.json)
+        "hidden_size": 64, "intermediate_size": 224, "chat_template": "zephyr"},
+    "01-ai/Yi-34B-Chat": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 112,
+        "intermediate_size": 320, "num_hidden_layers": 60, "num_attention_heads": 56,
+        "num_key_value_heads": 8, "max_position_embeddings": 4096, "rope_theta": 5000000.0,
+        "rms_norm_eps": 1e-05, "tie_word_embeddings": False},
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 64,
+        "intermediate_size": 224, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "rope_theta": 1000000.0, "sliding_window": None, "router_aux_loss_coef": 0.02},
+}
 
+
+def save_shaped(out: Path, repo_id: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """`repo_id` at reduced width: its config with only the widths scaled down, random bf16
+    weights in sharded safetensors with an index (the hub's `model-0000k-of-0000n`), Mistral-7B's
+    real tokenizer (and for zephyr its chat template and `</s>` as pad token)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    shape = dict(MODEL_SHAPES[repo_id])
+    template = shape.pop("chat_template", None)
     real = json.loads((tokenizer_dir / "config.json").read_text())
-    real.update(hidden_size=hidden, intermediate_size=hidden * 14336 // 4096)
-    config = MistralConfig(**{k: v for k, v in real.items() if k not in ("architectures",)})
-    config.architectures = ["MistralForCausalLM"]
+    real.update(shape)
+    real.pop("transformers_version", None)
+    config = AutoConfig.for_model(**{k: v for k, v in real.items() if k != "architectures"})
+    config.architectures = real["architectures"]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(out, max_shard_size="3MB")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.chat_template = ZEPHYR_CHAT_TEMPLATE
-    tok.pad_token = "</s>"
+    if template == "zephyr":
+        tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+        tok.pad_token = "</s>"
     tok.save_pretrained(out)
-    for name in ("tokenizer.model",):  # the SentencePiece model the hub repository also holds
-        if (tokenizer_dir / name).is_file():
-            (out / name).write_bytes((tokenizer_dir / name).read_bytes())
+    if (tokenizer_dir / "tokenizer.model").is_file():  # the SentencePiece model, as on the hub
+        (out / "tokenizer.model").write_bytes((tokenizer_dir / "tokenizer.model").read_bytes())
     return out
 
 
-def build_repos(model_dir: Path | None = None) -> dict[str, Repo]:
-    """Every repository; `model_dir` (a saved model) becomes HuggingFaceH4/zephyr-7b-beta."""
+def build_repos(models: dict[str, Path] | None = None) -> dict[str, Repo]:
+    """Every repository; `models` maps a model repository's id to a saved model directory."""
     repos = [wmdp(), wmdp_corpora(), bio_forget_corpus(), mmlu(MMLU_SUBJECTS), wikitext(),
              wikitext_document_level()]
-    if model_dir is not None:
+    for repo_id, model_dir in (models or {}).items():
         files = {p.name: p.read_bytes() for p in sorted(Path(model_dir).iterdir()) if p.is_file()}
         files[".gitattributes"] = b"*.safetensors filter=lfs -text\n"
-        repos.append(Repo("HuggingFaceH4/zephyr-7b-beta", "model",
-                          [(_sha("HuggingFaceH4/zephyr-7b-beta"), files)]))
+        repos.append(Repo(repo_id, "model", [(_sha(repo_id), files)]))
     return {r.repo_id: r for r in repos}
 
 
@@ -449,7 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
         if op == "revision":
             info = {"id": repo.repo_id, "_id": repo.repo_id, "sha": sha, "private": False,
                     "gated": "manual" if repo.gated else False, "disabled": False,
-                    "downloads": 0, "likes": 0, "tags": [], "lastModified": "2024-04-25T00:00:00.000Z",
+                    "downloads": 0, "likes": 0, "tags": [],
+                    "lastModified": "2024-04-25T00:00:00.000Z",
                     "siblings": [{"rfilename": p} for p in sorted(files)]}
             return self._send(200, json.dumps(info).encode())
         entries = _entries(files)
@@ -482,7 +511,10 @@ def _entries(files: dict[str, bytes]) -> list[dict]:
     return out
 
 
-if __name__ == "__main__":
-    hub = Hub(build_repos(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
+if __name__ == "__main__":  # python tests/hub_fixture.py DIR: serve with every model saved in DIR
+    tok = Path(__file__).parent / "fixtures" / "tokenizers" / "mistral-7b-v0.1"
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("hub-fixture-models")
+    hub = Hub(build_repos({r: save_shaped(out / r.replace("/", "--"), r, tok)
+                           for r in MODEL_SHAPES}))
     print(f"HF_ENDPOINT={hub.url}", flush=True)
     threading.Event().wait()

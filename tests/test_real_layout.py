@@ -4,9 +4,9 @@
 
 The fixture serves the repositories the toolkit reads (cais/wmdp with its April 2024 revision,
 cais/wmdp-corpora, the gated bio forget corpus, cais/mmlu, Salesforce/wikitext, lm-eval's
-wikitext, a zephyr-shaped model) from 127.0.0.1 with the hub's file layouts. Every check runs
-in a child process whose HF_ENDPOINT points at it, so `huggingface_hub`, `datasets` and
-transformers load exactly as they would from the hub: nothing is mocked.
+wikitext, zephyr-, Yi- and Mixtral-shaped models) from 127.0.0.1 with the hub's file layouts.
+Every check runs in a child process whose HF_ENDPOINT points at it, so `huggingface_hub`,
+`datasets` and transformers load exactly as they would from the hub: nothing is mocked.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hub_fixture import (GRANTED_TOKEN, WMDP_APRIL_2024, WMDP_MARCH_2024, WMDP_SIZES, Hub,
-                         build_repos, save_zephyr_shaped)
+from hub_fixture import (GRANTED_TOKEN, MODEL_SHAPES, WMDP_APRIL_2024, WMDP_MARCH_2024,
+                         WMDP_SIZES, Hub, build_repos, save_shaped)
 
 ROOT = Path(__file__).resolve().parent.parent
 MISTRAL_TOK = Path(__file__).parent / "fixtures" / "tokenizers" / "mistral-7b-v0.1"
@@ -34,8 +34,9 @@ WMDP_CLI = [sys.executable, "-m", "wmdp"]
 
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory):
-    model = save_zephyr_shaped(tmp_path_factory.mktemp("zephyr"), MISTRAL_TOK)
-    server = Hub(build_repos(model))
+    models = {r: save_shaped(tmp_path_factory.mktemp(r.split("/")[1]), r, MISTRAL_TOK)
+              for r in MODEL_SHAPES}
+    server = Hub(build_repos(models))
     yield server
     server.close()
 
@@ -132,18 +133,23 @@ def _run(env: dict, cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess,
     return done, time.perf_counter() - t0
 
 
-def test_real_layout_zephyr_preflight_resolves_every_source(hub_env, tmp_path):
-    """The shipped zephyr config on the fixture: the preflight resolves the pinned WMDP
-    revision, all 57 MMLU subjects, both corpora (the gated one with a granted token), the
-    model's config and tokenizer, and records them; no weights load (the check stops there)."""
+SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "sandbox.yaml")
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_real_layout_shipped_config_preflight_resolves_every_source(config, hub_env, tmp_path):
+    """Each shipped config on the fixture: the preflight resolves the pinned WMDP revision, all
+    57 MMLU subjects, both forget corpora (the gated one with a granted token) and wikitext, the
+    model's config and tokenizer, and records them. These configs are 7B-47B models: CI stops
+    after the preflight (the Pipeline is made, no stage runs); `wmdp plan` sizes them."""
     code = f"""
 import json
 from wmdp.pipeline import Pipeline, load_run_config
-cfg = load_run_config("{ZEPHYR}", ["output={tmp_path / 'run'}"])
+cfg = load_run_config("{ROOT / 'configs' / config}", ["output={tmp_path / 'run'}"])
 pipe = Pipeline(cfg, progress=False)
-print(json.dumps(json.load(open(pipe.dir / "run.json"))["preflight"]))
+print(json.dumps([cfg.model, json.load(open(pipe.dir / "run.json"))["preflight"]]))
 """
-    record = _python(code, hub_env, tmp_path)
+    name, record = _python(code, hub_env, tmp_path)
     wmdp = [r for r in record if r.get("hub") == "cais/wmdp"]
     assert {r["config"] for r in wmdp} == {"wmdp-bio", "wmdp-cyber", "wmdp-chem"}
     assert {r["commit"] for r in wmdp} == {WMDP_APRIL_2024}
@@ -154,7 +160,8 @@ print(json.dumps(json.load(open(pipe.dir / "run.json"))["preflight"]))
                        ("cais/wmdp-corpora", "cyber-forget-corpus"),
                        ("Salesforce/wikitext", "wikitext-2-raw-v1")}
     model = next(r for r in record if "model" in r)
-    assert model["model"] == "HuggingFaceH4/zephyr-7b-beta" and model["model_type"] == "mistral"
+    assert name in MODEL_SHAPES and model["model"] == name
+    assert model["model_type"] == MODEL_SHAPES[name].get("model_type", "mistral")
 
 
 BAD_SOURCES = {

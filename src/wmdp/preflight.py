@@ -197,8 +197,9 @@ class Preflight:
         try:
             tokenizer = load_tokenizer(name, self.model_revision, self.trust_remote_code)
         except WmdpError as e:
-            raise WmdpError(f"{str(e).rstrip(':')}; the model needs its tokenizer files (tokenizer.json or "
-                            "tokenizer.model and tokenizer_config.json)") from e
+            raise WmdpError(f"{str(e).rstrip(':')}; the model needs its tokenizer files "
+                            "(tokenizer.json or tokenizer.model, and tokenizer_config.json)"
+                            ) from e
         self.resolved.append({"model": name, "revision": self.model_revision,
                               "model_type": config.model_type,
                               "tokenizer": type(tokenizer).__name__})

@@ -34,7 +34,8 @@ def hub_error(where: str, repo: str, e: BaseException, fix: str,
     page = HUB_PAGE.format(repo) if kind == "dataset" else f"https://huggingface.co/{repo}"
     gated = (f"{where}: gated {kind} ({{}}): request access with the form on {page}, then set "
              "HF_TOKEN to a token of that account (or run `hf auth login`)")
-    revision = f"{where}: revision not found on the hub; give a branch, tag or full commit of {page}"
+    revision = (f"{where}: revision not found on the hub; give a branch, tag or full commit "
+                f"of {page}")
     missing = f"{where}: {kind} not found on the hub (renamed or private?); check {page}, or {fix}"
     chain, cause = [], e
     while cause is not None and len(chain) < 10:
