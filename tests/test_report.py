@@ -129,17 +129,19 @@ def test_main_table_is_the_papers_table_and_secondary_columns_are_apart(tmp_path
     assert len(main) == 1
     rows = main[0]["rows"]
     # the letter-format group and perplexity are not in it: the paper's columns only
-    assert rows[0] == ["model", "sandbox_bio", "sandbox_cyber", "sandbox_general"]
+    assert rows[0] == ["model (acc %, Δ points)", "sandbox_bio(forget)", "sandbox_cyber(forget)",
+                       "sandbox_general(general)"]
     assert [r[0] for r in rows[1:]] == ["base", "rmu", "Δ"]
     assert rows[1][1:] == ["90.0", "80.0", "79.0"] and rows[2][1:] == ["30.0", "20.0", "76.0"]
     secondary = page.tables[page.tables.index(main[0]) + 1]["rows"]
-    assert secondary[0] == ["model", "sandbox_letter", "ppl_retain (word perplexity)"]
+    assert secondary[0] == ["model (acc %, Δ points)", "sandbox_letter(mixed)",
+                            "ppl_retain(word perplexity)"]
     assert secondary[1][1:] == ["21.0", "10.000"] and secondary[2][1:] == ["20.0", "12.000"]
     # without `main`: the forget tasks, then the top-level general group of the same format
     write_report(tmp_path / "run", forget=["sandbox_bio", "sandbox_cyber"])
     page = Page((tmp_path / "run" / "report.html").read_text())
     head = [t for t in page.tables if t["class"] == "main"][0]["rows"][0]
-    assert head == ["model", "sandbox_bio", "sandbox_cyber", "sandbox_general"]
+    assert head[1:] == ["sandbox_bio(forget)", "sandbox_cyber(forget)", "sandbox_general(general)"]
 
 
 def test_every_change_has_its_delta_and_beyond_the_threshold_is_flagged(tmp_path):
@@ -198,9 +200,15 @@ def test_model_card_is_text_not_pre_and_the_title_names_the_model(tmp_path):
     assert "<pre" not in html
     text = " ".join("".join(page.text).split())
     card = (run / "unlearned" / "README.md").read_text()
+    verdict_lines = ["- probe: the probe reads 0.50 of the answers",
+                     "- relearn: fine-tuning brings it back to 0.90"]
     for line in card.splitlines():
         plain = re.sub(r"^(#+|-) ", "", line.strip()).replace("`", "")
-        assert " ".join(plain.split()) in text, line
+        # the card in the report says the verdicts once, in the audit's table, and refers to it
+        assert (" ".join(plain.split()) in text) != (line in verdict_lines), line
+    assert "The audit's verdicts on this model: see the robustness audit above." in text
+    md = (run / "report.md").read_text()
+    assert md.count("the probe reads 0.50 of the answers") == 1
     assert "<h4>What was removed</h4>" in html and "<li>sandbox_bio (forget): 90.0 -&gt; 30.0</li>" in html
     assert page.h1 == "Unlearning report: rmu on the sandbox model (small preset, seed 3)"
     assert "0123456789" not in page.h1 and card.startswith(
@@ -254,7 +262,7 @@ def test_markdown_html_renders_headings_lists_tables_and_paragraphs():
         "<h3>Card</h3>\n<p>Some <code>code</code> and <strong>bold</strong> text.</p>\n"
         "<h4>Part</h4>\n<ul><li>one</li><li>two &lt;b&gt;</li></ul>\n"
         '<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td class="n">1</td>'
-        "<td>x_y</td></tr></tbody></table>")
+        "<td class=\"id\">x_y</td></tr></tbody></table>")
 
 
 # -- wmdp compare ---------------------------------------------------------------------------------
@@ -374,8 +382,8 @@ def test_report_robustness_section_reads_every_attack_and_the_protocol(tmp_path)
     _write(run / "audit" / "audit.json", robust_audit())
     md, page = _report(run)
     shares = next(t for t in page.tables if t["rows"][0][0] == "attack" and len(t["rows"][0]) > 2)
-    assert shares["rows"][0] == ["attack", "unlearned → attacked", "base", "recovered (rmu)",
-                                 "oracle → attacked", "recovered (oracle)"]
+    assert shares["rows"][0] == ["attack", "unlearned → attacked %", "base % (same questions)",
+                                 "recovered (rmu)", "oracle → attacked %", "recovered (oracle)"]
     assert shares["rows"][1:] == [
         ["probe", "30.0 → 54.0", "90.0", "40%", "", ""],
         ["relearn", "30.0 → 84.0", "90.0", "90%", "", ""],

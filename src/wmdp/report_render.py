@@ -4,7 +4,9 @@
     doc.markdown(run_dir), doc.html()
 
 `Flagged` marks a cell beyond a stated threshold (bold and ⚠ in Markdown, a highlighted cell in
-HTML). `markdown_html` turns the small Markdown the model card uses (headings, paragraphs, `-`
+HTML) and carries one sentence saying which threshold it crossed and what that means; the
+sentences follow their table. Task ids never wrap in HTML (a `td.id`/`th.id` does not break at
+underscores). `markdown_html` turns the small Markdown the model card uses (headings, paragraphs, `-`
 lists, pipe tables, `code`, **bold**) into HTML, so the card reads as text, not as a `<pre>`.
 """
 
@@ -21,7 +23,21 @@ E = html.escape
 
 
 class Flagged(str):
-    """A table cell whose change is beyond the report's threshold."""
+    """A table cell whose change is beyond the report's threshold; `why` is one sentence: the
+    threshold it crossed and what that means."""
+
+    why: str
+
+    def __new__(cls, text: str, why: str = "") -> Flagged:
+        cell = super().__new__(cls, text)
+        cell.why = why
+        return cell
+
+
+def flag_notes(rows: list[list[str]]) -> list[str]:
+    """The sentences of a table's flagged cells, each once, in table order."""
+    return list(dict.fromkeys(f"⚠ {c.why}" for r in rows for c in r
+                              if isinstance(c, Flagged) and c.why))
 
 
 @dataclass
@@ -37,8 +53,17 @@ class Doc:
     def p(self, text: str) -> None:
         self.blocks.append(("p", text))
 
+    def ul(self, items: list[str], box: bool = False) -> None:
+        """A bulleted list (`box`: set apart, as the summary is)."""
+        self.blocks.append(("ul", (items, box)))
+
     def table(self, header: list[str], rows: list[list[str]], main: bool = False) -> None:
+        """A table, then one sentence per flagged cell (its threshold and what it means) that
+        no earlier table gave."""
         self.blocks.append(("table", (header, rows, main)))
+        for note in flag_notes(rows):
+            if ("p", note) not in self.blocks:
+                self.p(note)
 
     def img(self, path: Path, caption: str) -> None:
         self.blocks.append(("img", (path, caption)))
@@ -54,6 +79,8 @@ class Doc:
                 out += [f"## {x}", ""]
             elif kind == "p":
                 out += [x, ""]
+            elif kind == "ul":
+                out += [f"- {i}" for i in x[0]] + [""]
             elif kind == "table":
                 header, rows, _ = x
                 out.append("| " + " | ".join(header) + " |")
@@ -75,6 +102,10 @@ class Doc:
                 body.append(f"<h2>{E(x)}</h2>")
             elif kind == "p":
                 body.append(f"<p>{_inline(x)}</p>")
+            elif kind == "ul":
+                items, box = x
+                ul = "<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>"
+                body.append(f'<div class="summary">{ul}</div>' if box else ul)
             elif kind == "table":
                 body.append(_table_html(*x))
             elif kind == "img":
@@ -89,12 +120,16 @@ class Doc:
                 + "\n".join(body) + "\n</body></html>\n")
 
 
-# Tables are never wider than the page: headers wrap at underscores (<wbr>), cells wrap, and no
-# table scrolls sideways (a scroll bar hid the main table's last columns at 1,100 px).
+# Tables are never wider than the page: text cells wrap at spaces, task ids (.id) never wrap
+# (a wrap at an underscore read as two names), and no table scrolls sideways (a scroll bar hid
+# the main table's last columns at 1,100 px).
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;"
          "color:#222;line-height:1.4}table{border-collapse:collapse;margin:1em 0;max-width:100%}"
          "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;overflow-wrap:break-word}"
          "td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+         ".id{white-space:nowrap}th .side{font-weight:normal;color:#555}"
+         ".summary{background:#f6f8fa;border:1px solid #ddd;padding:.2em 1em;margin:1em 0}"
+         ".meta{color:#555;font-size:90%}"
          "th{background:#f3f3f3}table.main{font-size:110%}table.main td.n{min-width:4em}"
          "td.flag{background:#fde2c8;font-weight:bold}"
          "img{max-width:100%}figcaption{color:#555;font-size:90%}"
@@ -108,14 +143,29 @@ def _md_cell(c: str) -> str:
 
 def _table_html(header: list[str], rows: list[list[str]], main: bool) -> str:
     def cell(c: str) -> str:
-        cls = ("n " if _numeric(c) else "") + ("flag" if isinstance(c, Flagged) else "")
+        cls = ("n " if _numeric(c) else "") + ("id " if _task_id(c) else "") + \
+            ("flag" if isinstance(c, Flagged) else "")
         text = E(c) + (" ⚠" if isinstance(c, Flagged) else "")
         return f'<td class="{cls.strip()}">{text}</td>' if cls else f"<td>{text}</td>"
 
-    head = "".join(f"<th>{E(h).replace('_', '_<wbr>')}</th>" for h in header)
+    head = "".join(_th(h) for h in header)
     body = "".join("<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in rows)
     cls = ' class="main"' if main else ""
     return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _task_id(text: str) -> bool:
+    """A task or group id (`sandbox_bio_letter`, `wmdp_bio`): one word with an underscore."""
+    return "_" in text and re.fullmatch(r"[\w.\-/]+", text) is not None
+
+
+def _th(h: str) -> str:
+    """A header cell; "task_id (side)" keeps the id whole and its side on a line of its own."""
+    m = re.fullmatch(r"([\w.\-/]+) (\(.*\))", h)
+    if m and _task_id(m.group(1)):
+        return (f'<th><span class="id">{E(m.group(1))}</span><br>'
+                f'<span class="side">{E(m.group(2))}</span></th>')
+    return f'<th class="id">{E(h)}</th>' if _task_id(h) else f"<th>{E(h)}</th>"
 
 
 def _numeric_column(rows: list[list[str]], i: int) -> bool:
@@ -184,4 +234,4 @@ def markdown_html(text: str, shift: int = 0) -> str:
     return "\n".join(out)
 
 
-__all__ = ["Doc", "Flagged", "markdown_html"]
+__all__ = ["Doc", "Flagged", "flag_notes", "markdown_html"]

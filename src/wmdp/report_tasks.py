@@ -4,6 +4,7 @@ their groups, prompt formats and sides (forget or general).
 
     tasks = Tasks(base_results, unlearned_results, forget=["wmdp_bio", "wmdp_cyber"])
     tasks.mcq, tasks.ppl, tasks.general, tasks.groups, tasks.cols["top_forget"]
+    tasks.side("mmlu")    # "general" (or forget, mixed, perplexity)
     metrics(base_results, "mmlu")["acc"]
 """
 
@@ -35,12 +36,21 @@ class Tasks:
         self.groups = {g: list(e.get("members", [])) for g, e in a.get("groups", {}).items()}
         self.formats = {t: e.get("format") for t, e in a.get("results", {}).items()}
         forget_set = set(forget)
+        self.forget = {n for n in self.mcq if n in forget_set
+                       or set(leaves(n, self.groups)) <= forget_set}
         # general: neither the task nor anything inside it is a forget task
         self.general = {n for n in self.mcq if n not in forget_set
                         and not forget_set & set(leaves(n, self.groups))}
         rows = [Row(label, label, "", {"groups": {}, **r}, "") for label, r in
                 (("base", base), ("unlearned", unl)) if r]
         self.cols = columns(rows, tuple(forget)) if rows else {}
+
+    def side(self, name: str) -> str:
+        """Which side a task is on, as the tables mark it: forget, general, mixed (a group
+        holding both) or perplexity."""
+        if name in self.ppl and name not in self.mcq:
+            return "perplexity"
+        return "forget" if name in self.forget else "general" if name in self.general else "mixed"
 
     def fmt(self, name: str) -> frozenset:
         """The prompt formats of the tasks under `name` (itself, for a task)."""
