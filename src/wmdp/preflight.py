@@ -183,17 +183,7 @@ class Preflight:
         except Exception as e:  # noqa: BLE001 - transformers raises many types
             raise _model_error(name, "config", e) from e
         if not Path(name).is_dir():
-            from huggingface_hub import HfApi
-
-            try:
-                files = [s.rfilename for s in
-                         HfApi().model_info(name, revision=self.model_revision).siblings or []]
-            except Exception as e:  # noqa: BLE001
-                raise _model_error(name, "file list", e) from e
-            if not any(f.endswith(".safetensors") for f in files):
-                raise WmdpError(f"{name}: the hub repository has no .safetensors weights "
-                                "(pickled weights are not loaded); convert them or give a "
-                                "local directory")
+            self.check_hub_weights(name)
         try:
             tokenizer = load_tokenizer(name, self.model_revision, self.trust_remote_code)
         except WmdpError as e:
@@ -203,6 +193,28 @@ class Preflight:
         self.resolved.append({"model": name, "revision": self.model_revision,
                               "model_type": config.model_type,
                               "tokenizer": type(tokenizer).__name__})
+
+    def check_hub_weights(self, name: str) -> None:
+        """The hub repository lists safetensors weights; offline, the cache holds them."""
+        from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE:
+            cached = [try_to_load_from_cache(name, f, revision=self.model_revision)
+                      for f in ("model.safetensors.index.json", "model.safetensors")]
+            if not any(isinstance(p, str) for p in cached):
+                raise WmdpError(f"{name}: its safetensors weights are not in the local cache "
+                                "and HF_HUB_OFFLINE=1; download them once online (`hf download "
+                                f"{name}`), or give a local model directory")
+            return
+        try:
+            files = [s.rfilename for s in
+                     HfApi().model_info(name, revision=self.model_revision).siblings or []]
+        except Exception as e:  # noqa: BLE001
+            raise _model_error(name, "file list", e) from e
+        if not any(f.endswith(".safetensors") for f in files):
+            raise WmdpError(f"{name}: the hub repository has no .safetensors weights "
+                            "(pickled weights are not loaded); convert them or give a "
+                            "local directory")
 
     def summary(self, seconds: float) -> str:
         hub = {r["hub"] for r in self.resolved if "hub" in r}

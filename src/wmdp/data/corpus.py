@@ -13,8 +13,9 @@ A corpus spec is one of:
   text with its braces and its newline, not the decoded `text`. The RMU reference reads every
   corpus not named `bio-forget-corpus` this way (`raw_text = line`), so the published zephyr,
   Yi and Mixtral runs trained on the cyber forget corpus's raw lines; the published presets say
-  `raw:` to reproduce them. The hub does not serve those lines: `cais/wmdp-corpora` holds one
-  folder of parquet files per config (column `text`), no `.jsonl`. A hub spec therefore reads the
+  `raw:` to reproduce them. A hub spec reads the repository's `<config>.jsonl` where it holds
+  one (a mirror of the reference's files). The hub's `cais/wmdp-corpora` does not: it holds one
+  folder of parquet files per config (column `text`), no `.jsonl`. Then a hub spec reads the
   parquet rows and re-encodes each as the line the reference's file held, `json.dumps(row) +
   "\n"` (`{"text": "..."}`, Python's default separators, non-ASCII as `\\uXXXX`). That equals
   the reference's line wherever its file was written the same way; a file written otherwise
