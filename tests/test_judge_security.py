@@ -233,8 +233,8 @@ def test_a_key_refused_only_when_judging_leaves_no_output(capsys, tmp_path, chat
     judge = serve(lambda m, path, h: (rating(m, path, h) if models == 200 else error(404, "no"))
                   if path.endswith("/models") else echo_key(401)(m, path, h))
     code, _, err = chat_eval(capsys, tmp_path, chat_model, judge.url, env_key=KEY, late=True)
-    assert code == 2 and err.splitlines()[-1].startswith(f"wmdp: judge endpoint {judge.url}/chat/completions: "
-                                        "HTTP 401, the key was refused"), err
+    assert code == 2 and err.splitlines()[-1].startswith(
+        f"wmdp: judge endpoint {judge.url}/chat/completions: HTTP 401, the key was refused"), err
     assert not (tmp_path / "out").exists()
 
 
@@ -408,7 +408,8 @@ def test_a_judge_cache_cut_short_by_an_interrupted_run_is_kept(capsys, tmp_path,
      "multi-turn') }}{% endif %}{{ m['content'] }}{% endfor %}", [],
      "question 1, turn 2: cannot render the chat template: no multi-turn"),
     ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
-     "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}", ["--system-prompt", "Be brief."],
+     "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}",
+     ["--system-prompt", "Be brief."],
      "question 1, turn 1: cannot render the chat template: System role not supported"),
     ("{{ messages | no_such_filter }}", [], "cannot render the chat template: No filter named"),
 ])

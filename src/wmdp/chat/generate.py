@@ -49,7 +49,8 @@ def check_chat_renders(tokenizer: Any, questions: Sequence[Question],
                 render_prompt(tokenizer, conversation(q, ["(answer)"] * turn, turn, system_prompt),
                               chat_template)
             except WmdpError as e:
-                raise WmdpError(f"{where}: question {q.question_id}, turn {turn + 1}: {e}") from None
+                raise WmdpError(f"{where}: question {q.question_id}, turn {turn + 1}: "
+                                f"{e}") from None
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]],

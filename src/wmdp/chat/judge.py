@@ -37,7 +37,7 @@ class JudgeConfig:
     base_url: str = OPENAI_BASE_URL
     api_key_env: str | None = None  # NAME of the variable holding the key; None: OPENAI_API_KEY
                                     # for OpenAI's URL, no key elsewhere (a key goes nowhere unasked)
-    timeout: float = 120.0       # seconds per request
+    timeout: float = 120.0       # seconds for a whole request (connect to last byte, redirects)
     max_retries: int = 5         # retries of a transient failure, backoff doubling each time
     backoff: float = 2.0         # seconds before the first retry
     concurrency: int = 8         # requests in flight at once
