@@ -108,3 +108,27 @@ def test_overlapping_intervals_are_a_tie():
     assert tie((0.0, 0.1), (0.1, 0.2)) and compare_word((0.0, 0.1), (0.05, 0.3)) == "tie"
     assert compare_word((0.0, 0.1), (0.2, 0.3)) == "lower"
     assert compare_word((0.4, 0.5), (0.2, 0.3)) == "higher"
+
+
+def test_relearn_chooses_one_step_for_all_tasks_on_the_other_half():
+    """relearn.choose_step on a hand-built curve: two tasks, three steps; the pooled questions
+    halved with the seed; every figure recomputed here from the halves."""
+    from wmdp.audit.relearn import choose_step
+
+    curve = [{"step": 0, "correct": {"a": [0, 0, 0, 0], "b": [0, 0, 0, 0]}},
+             {"step": 10, "correct": {"a": [1, 1, 0, 0], "b": [0, 0, 1, 0]}},
+             {"step": 20, "correct": {"a": [0, 0, 1, 1], "b": [1, 1, 0, 1]}}]
+    kept = {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]}
+    out = choose_step(curve, kept, seed=5)
+    scores = np.array([[p["correct"][t][i] for t in "ab" for i in range(4)] for p in curve])
+    a, b = halves(8, seed=5)
+    pick_a = int(np.argmax(scores[:, a].mean(1)))   # chosen on a, reported on b
+    pick_b = int(np.argmax(scores[:, b].mean(1)))
+    rep = np.empty(8)
+    rep[b], rep[a] = scores[pick_a, b], scores[pick_b, a]
+    assert out["steps"] == [curve[pick_a]["step"], curve[pick_b]["step"]]
+    assert out["by_task"] == {"a": rep[:4].mean(), "b": rep[4:].mean()}
+    assert out["in_sample_step"] == 20                       # 5/8 against 3/8
+    assert out["in_sample_by_task"] == {"a": 0.5, "b": 0.75}  # one step for both tasks
+    assert "other" in out["how"] and "one step for all tasks" in out["how"]
+    assert choose_step(curve, {"a": [], "b": []}, 0)["how"] == "no question counted"

@@ -34,12 +34,15 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from wmdp.audit.attack import METHODS, FinetuneSettings, finetune, select_texts
 from wmdp.audit.common import AuditContext, Subject, recovery_entry, task_accuracy
 from wmdp.audit.oracle import audit_oracle, load_oracle
 from wmdp.distributed import rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import sha256_json
+from wmdp.stats import cross_fit_best
 from wmdp.optimizer_settings import check_lr
 
 
@@ -132,10 +135,13 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
             curves.setdefault(role, {})[kind] = relearn_curve(subject, texts[kind], ctx, config,
                                                               f"{role} on {kind}")
     del subjects  # the audit's two models stay in ctx; the oracle goes
+    kept = {t: [i for i, m in enumerate(mentioned["forget"][t]) if not m] for t in ctx.tasks}
+    chosen = {f"{r}_{k}": choose_step(curves[r][k], kept, ctx.seed)
+              for r in curves for k in corpora}
     tasks: dict[str, Any] = {}
     recovery: dict[str, Any] = {}
     for t in ctx.tasks:
-        keep = [i for i, m in enumerate(mentioned["forget"][t]) if not m]
+        keep = kept[t]
         tasks[t] = {"steps": [p["step"] for p in curves["base"]["forget"]],
                     "n": len(ctx.items[t]), "n_unmentioned": len(keep)}
         for role in curves:
@@ -144,19 +150,54 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
                     "acc": [_mean(p["correct"][t]) for p in curve],
                     "acc_unmentioned": [_mean([p["correct"][t][i] for i in keep]) for p in curve],
                     "loss": [p["loss"] for p in curve]}
-        best = {f"{r}_{k}": max(tasks[t][f"{r}_{k}"]["acc_unmentioned"])
-                for r in curves for k in corpora}
-        recovery[t] = recovery_entry(ctx, t, best["unlearned_forget"], best["base_forget"], keep)
+        at = {f"{r}_{k}": chosen[f"{r}_{k}"]["by_task"][t] for r in curves for k in corpora}
+        recovery[t] = recovery_entry(ctx, t, at["unlearned_forget"], at["base_forget"], keep)
+        recovery[t]["attacked_in_sample"] = chosen["unlearned_forget"]["in_sample_by_task"][t]
         if "oracle" in curves:  # its own plain accuracy on the same questions, and attacked
             recovery[t].update(oracle_plain=ctx.plain_acc("oracle", t, keep),
-                               oracle_attacked=best["oracle_forget"],
-                               oracle_attacked_control=best["oracle_retain"])
-        recovery[t].update(attacked_control=best["unlearned_retain"],
-                           base_attacked_control=best["base_retain"],
+                               oracle_attacked=at["oracle_forget"],
+                               oracle_attacked_control=at["oracle_retain"])
+        recovery[t].update(attacked_control=at["unlearned_retain"],
+                           base_attacked_control=at["base_retain"],
                            questions=f"the {len(keep)} of {len(ctx.items[t])} questions no chosen "
-                                     "forget text names; the highest accuracy over the "
+                                     "forget text names; each at the step (one for all tasks) "
+                                     "chosen on the other half of the questions, of the "
                                      f"evaluated steps {tasks[t]['steps']}")
-    return {"texts": record, "tasks": tasks, "recovery": recovery, "oracle": oracle}
+    selection = {k: {key: v[key] for key in ("steps", "in_sample_step", "how")}
+                 for k, v in chosen.items()}
+    return {"texts": record, "tasks": tasks, "recovery": recovery, "oracle": oracle,
+            "selection": selection}
+
+
+def choose_step(curve: list[dict], kept: dict[str, list[int]], seed: int) -> dict:
+    """One step for every task, chosen apart from what it reports: the questions of all tasks
+    (those no chosen text names) pooled and halved; the step with the highest accuracy on one
+    half reports the other, halves swapped (`wmdp.stats.cross_fit_best`). Per task: the accuracy
+    of its questions, each under the step chosen without it, and at the in-sample best step."""
+    pairs = [(t, i) for t, idx in kept.items() for i in idx]
+    if not pairs:
+        nan = {t: float("nan") for t in kept}
+        return {"steps": [], "in_sample_step": None, "by_task": nan, "in_sample_by_task": nan,
+                "how": "no question counted"}
+    scores = np.array([[p["correct"][t][i] for t, i in pairs] for p in curve], dtype=float)
+    if len(pairs) < 2:  # nothing to split: the in-sample choice, said so
+        best = int(np.argmax(scores.mean(axis=1)))
+        per = {t: float(scores[best, 0]) if kept[t] else float("nan") for t in kept}
+        return {"steps": [curve[best]["step"]], "in_sample_step": curve[best]["step"],
+                "by_task": per, "in_sample_by_task": per,
+                "how": "one question: the step with the highest accuracy on it"}
+    fit = cross_fit_best(scores, seed=seed)
+    a, b = (np.asarray(h, int) for h in fit.halves)
+    reported = np.empty(len(pairs))
+    reported[b] = scores[fit.choices[0], b]
+    reported[a] = scores[fit.choices[1], a]
+    owner = np.array([t for t, _ in pairs])
+    by_task = {t: float(reported[owner == t].mean()) if kept[t] else float("nan") for t in kept}
+    ins = {t: float(scores[fit.in_sample_choice, owner == t].mean()) if kept[t] else float("nan")
+           for t in kept}
+    return {"steps": [curve[c]["step"] for c in fit.choices],
+            "in_sample_step": curve[fit.in_sample_choice]["step"], "by_task": by_task,
+            "in_sample_by_task": ins, "how": fit.how + " (one step for all tasks)"}
 
 
 def _with_oracle(ctx: AuditContext,

@@ -90,7 +90,11 @@ def verdict(attack: str, result: dict, tasks: list[str] | None = None) -> dict:
                 f"{a:.2f} (base {b:.2f}; the base model itself reaches {ba:.2f}): {gap}; "
                 f"fine-tuning on as many retain texts (the control) reaches {ctrl:.2f} "
                 f"({_pct(fig['recovered_fraction_control'])} of the gap). On the {n} questions "
-                "no chosen forget text names, at the best evaluated step.")
+                "no chosen forget text names, each at the step (one for every task) chosen on "
+                "the other half of the questions.")
+        if all("attacked_in_sample" in e for e in rec.values()):  # beside it, labelled
+            fig["attacked_in_sample"] = pooled(rec, "attacked_in_sample")
+            fig["selection"] = result.get("selection")
         if all("oracle_plain" in e for e in rec.values()):
             text += _relearn_oracle(fig, rec, b, bool(counted))
     elif attack == "gcg":
