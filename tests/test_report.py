@@ -487,3 +487,127 @@ def test_compare_gains_robustness_columns(tmp_path):
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [r["label"] for r in saved["rows"]][2:4] == ["rmu", "npo"]
     assert saved["rows"][3]["robustness"]["shares"]["ablation"] == 0.15
+
+
+# -- a report that opens with its summary and can be sent as is ---------------------------------
+def _section(md: str, heading: str) -> str:
+    start = md.index(f"## {heading}\n")
+    return md[start:md.index("\n## ", start)]
+
+
+def test_report_opens_with_the_summary_of_the_recorded_figures(tmp_path):
+    run = make_run(tmp_path)
+    _write(run / "audit" / "audit.json", robust_audit())
+    _write(run / "run.json", {"versions": {"wmdp": "0.1.0", "torch": "2.13.0",
+                                           "transformers": "5.1.0", "python": "3.12.3"}})
+    md, _ = _report(run)
+    assert re.findall(r"^## .*", md, flags=re.M)[0] == "## Summary"
+    assert "The run recorded: wmdp 0.1.0, torch 2.13.0, transformers 5.1.0, python 3.12.3." in md
+    summary = _section(md, "Summary")
+    base = json.loads((run / "eval_base" / "results.json").read_text())
+    unl = json.loads((run / "eval_unlearned" / "results.json").read_text())
+    audit = json.loads((run / "audit" / "audit.json").read_text())
+
+    def acc(res: dict, task: str) -> str:
+        return f"{100 * {**res['results'], **res['groups']}[task]['acc']:.1f}"
+
+    forget = next(line for line in summary.splitlines() if "Forget accuracy" in line)
+    general = next(line for line in summary.splitlines() if "General accuracy" in line)
+    for line, task in ((forget, "sandbox_bio"), (forget, "sandbox_cyber"),
+                       (general, "sandbox_general")):
+        assert f"{task} {acc(base, task)} → {acc(unl, task)}" in line, (task, line)
+    assert "sandbox_letter" not in general  # a mixed group is neither side
+    # the worst share over the audit's attacks, from its verdicts: relearn's 90%
+    worst = max((a["verdict"][k], name) for name, a in audit["attacks"].items()
+                for k in a["verdict"] if k.startswith("recovered_fraction")
+                and isinstance(a["verdict"][k], float))
+    assert f"{100 * worst[0]:.0f}% of the removed accuracy comes back under {worst[1]}" in summary
+    b, u = (r["results"]["ppl_retain"]["word_perplexity"] for r in (base, unl))
+    assert f"{b:.3f} → {u:.3f} ({100 * (u / b - 1):+.1f}% ⚠)" in summary
+    html = (run / "report.html").read_text()
+    assert html.index("<h2>Summary</h2>") < html.index("<h2>Main results</h2>")
+    # when and with what it was made, before the tables
+    assert re.search(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC by wmdp ", summary)
+
+
+def test_console_summary_is_the_summary_and_the_main_table(tmp_path):
+    from wmdp.report import console_summary
+
+    run = make_run(tmp_path)
+    _write(run / "audit" / "audit.json", robust_audit())
+    _report(run)
+    text = console_summary(run)
+    assert text.startswith("## Summary") and "## Main results" in text
+    assert "Worst recovered share" in text and "| Δ | -60.0 | -60.0 | **-3.0** ⚠ |" in text
+    assert "## Every task" not in text
+
+
+def test_every_flag_says_its_threshold_and_what_it_means(tmp_path):
+    md, page = _report(make_run(tmp_path, ppl_after=12.0, general_after=0.77))
+    flagged = {r[0] if r[0] not in ("Δ", "ppl_retain") else "" for t in page.tables
+               for r in t["rows"] if any("⚠" in c for c in r)}
+    assert flagged  # the fixture crosses both thresholds
+    assert ("⚠ sandbox_general: general accuracy fell 3.0 points, more than the 2.0-point "
+            "threshold: unlearning took away ability it should have kept.") in md
+    assert ("⚠ ppl_retain: word perplexity rose 20.0%, more than the 5% threshold: the unlearned "
+            "model predicts this text worse than the base model") in md
+    for task in ("sandbox_botany", "sandbox_software"):  # flagged in the tables below
+        assert md.count(f"⚠ {task}: general accuracy fell 3.0 points") == 1
+    md, _ = _report(make_run(tmp_path / "small", ppl_after=10.1, general_after=0.79))
+    assert "threshold:" not in md and "No headline change crosses" in md
+
+
+def test_the_report_shows_no_absolute_path_of_the_machine(tmp_path):
+    run = make_run(tmp_path)
+    record = json.loads((run / "unlearned" / "unlearn_config.json").read_text())
+    record["corpora"]["forget"][0]["source"] = str(run / "data" / "forget_bio.jsonl")
+    record["corpora"]["retain"][0]["source"] = str(Path.home() / "corpora" / "retain.jsonl")
+    record["hparams"]["teacher"] = str(tmp_path / "teachers" / "t1")
+    _write(run / "unlearned" / "unlearn_config.json", record)
+    md, _ = _report(run)
+    for text in (md, (run / "report.html").read_text(), (run / "unlearned" / "README.md").read_text()):
+        assert str(tmp_path) not in text and str(Path.home()) + "/" not in text
+    assert "`data/forget_bio.jsonl` (5 texts)" in md  # inside the run: relative to it
+    assert "`~/corpora/retain.jsonl` (7 texts)" in md
+    assert "`…/small-seed3-0123456789/model`" in md and "teacher=…/teachers/t1" in md
+
+
+def test_task_ids_never_wrap_in_html(tmp_path):
+    run = make_run(tmp_path)
+    _report(run)
+    html = (run / "report.html").read_text()
+    assert "<wbr>" not in html and ".id{white-space:nowrap}" in html
+    page = Page(html)
+    ids = [(c, k) for t in page.tables for row, cls in zip(t["rows"], t["classes"])
+           for c, k in zip(row, cls) if re.fullmatch(r"sandbox_\w+", c)]
+    assert len(ids) > 10 and all("id" in k.split() for _, k in ids), ids
+    assert '<th><span class="id">sandbox_bio</span><br><span class="side">(forget)</span></th>' \
+        in html
+
+
+def test_trained_tensors_are_summarised():
+    from wmdp.report import tensor_summary
+
+    names = [f"model.layers.{i}.mlp.{k}.weight" for i in (5, 6, 7)
+             for k in ("down_proj", "up_proj", "gate_proj")]
+    assert tensor_summary(names) == (
+        "9 tensors in 3 blocks (layers 5-7): in each, `mlp.down_proj.weight`, "
+        "`mlp.gate_proj.weight`, `mlp.up_proj.weight`.")
+    assert tensor_summary(["model.layers.2.mlp.down_proj.weight", "model.layers.4.self_attn.o",
+                           "lm_head.weight"]) == (
+        "3 tensors, 2 in 2 blocks (layers 2, 4): among them, `mlp.down_proj.weight`, "
+        "`self_attn.o`; 1 outside the blocks: `lm_head.weight`.")
+
+
+def test_verdict_accuracies_read_as_the_tables_percent():
+    from wmdp.report import verdict_text
+
+    figures = {"base": 0.8975, "unlearned": 0.3, "attacked": 0.54, "base_attacked": 0.62,
+               "n": 40, "recovered_fraction": 0.4}
+    text = ("probe: the probe reads 0.54 of the answers (base model 0.62) while the unlearned "
+            "model answers 0.30 (base 0.90): 40% of the gap recovered, at lr 0.001, ratio 0.97x.")
+    assert verdict_text("probe", text, figures) == (
+        "the probe reads 54.0% of the answers (base model 62.0%) while the unlearned model "
+        "answers 30.0% (base 89.8%): 40% of the gap recovered, at lr 0.001, ratio 0.97x.")
+    # the base figure is the table's: 89.8, not a rounded 90
+    assert verdict_text("activations", "ratio 0.30", figures) == "ratio 0.30"
