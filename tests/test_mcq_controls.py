@@ -102,7 +102,7 @@ def result_text(result):
 
 def test_questions_with_unequal_choices_are_refused(ctx):
     bad = copy.copy(ctx)
-    bad.items = {**ctx.items, "sandbox_bio": [MCQItem("q?", ("a", "b"), 0),
-                                              MCQItem("r?", ("a", "b", "c"), 1)]}
+    bad.tasks = {"sandbox_bio": ctx.tasks["sandbox_bio"]}
+    bad.items = {"sandbox_bio": [MCQItem("q?", ("a", "b"), 0), MCQItem("r?", ("a", "b", "c"), 1)]}
     with pytest.raises(WmdpError, match="sandbox_bio"):
         run_mcq_controls(bad, MCQControlsConfig())
