@@ -307,3 +307,25 @@ def test_intact_checkpoint_loads_by_both_paths(world):
     prefix, _, plan = load_prefix(world["m"], 1, device="cpu")
     state = full.state_dict()
     assert plan.loaded and all(prefix.get_parameter(n).equal(state[n]) for n in plan.loaded)
+
+
+def test_task_given_twice_on_the_command_line_is_refused(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["eval", "--model", world["m"], "--task", f"quiz={world['q']}",
+            "--task", f"quiz={world['q']}.other", "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wmdp: --task quiz is given twice ({world['q']} and "
+                   f"{world['q']}.other); give it once"]
+    assert not out.exists()
+
+
+def test_allow_mismatched_weights_flag_reaches_the_loader(world, tmp_path, capsys):
+    """eval refuses the partial checkpoint, and with the flag scores it (the flag is passed)."""
+    args = ["eval", "--model", world["missing"], "--task", f"quiz={world['q']}",
+            "--device", "cpu", "--batch-size", "4"]
+    assert main(args + ["--output", str(tmp_path / "a")]) == 2
+    assert DOWN in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp_path / "b"), "--allow-mismatched-weights"]) == 0
+    record = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert record["results"]["quiz"]["n"] > 0

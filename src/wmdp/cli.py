@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from wmdp.cli_errors import OneLineParser, failing_file, nonnegative_fraction
+from wmdp import __version__
 from wmdp.errors import WmdpError
 
 
@@ -107,6 +108,19 @@ def add_model_args(p: argparse.ArgumentParser, flag: str = "--model", required: 
                    help="'auto' shards the model across GPUs with accelerate")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run code shipped with the model (off unless asked)")
+    p.add_argument("--allow-mismatched-weights", action="store_true",
+                   help="load weights that are not exactly the model's tensors (missing ones "
+                        "random); off: such a checkpoint is an error naming them")
+
+
+def task_files(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """`--task NAME=PATH` flags as a dict; a name given twice is an error, not the last one."""
+    out: dict[str, str] = {}
+    for name, path in pairs:
+        if name in out:
+            raise WmdpError(f"--task {name} is given twice ({out[name]} and {path}); give it once")
+        out[name] = path
+    return out
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
@@ -141,7 +155,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from wmdp.distributed import init_from_env, is_main
     from wmdp.evaluate import EvalConfig, format_table, run_eval
 
-    tasks = args.tasks if args.tasks is not None else list(dict(args.task_files))
+    tasks = args.tasks if args.tasks is not None else list(task_files(args.task_files))
     if not tasks:
         raise WmdpError("--tasks names no task (give --tasks NAME[,NAME...] or --task NAME=PATH)"
                         if args.tasks is not None else "eval: give --tasks NAME[,NAME...] "
@@ -151,8 +165,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, max_length=args.max_length,
                         prompt_style=args.prompt_style,
                         format=args.format, limit=args.limit, data_dir=args.data_dir,
-                        task_files=dict(args.task_files), data_revision=args.data_revision,
-                        trust_remote_code=args.trust_remote_code)
+                        task_files=task_files(args.task_files), data_revision=args.data_revision,
+                        trust_remote_code=args.trust_remote_code,
+                        allow_mismatched_weights=args.allow_mismatched_weights)
     config.validate()  # bad numbers fail before torch.distributed or any file is touched
     refuse_overlap(args.output, command_inputs(("", config, True), ("tasks", tasks, True)))
     init_from_env()  # under torchrun: data-parallel, rank 0 writes
@@ -267,7 +282,9 @@ def _cmd_chat_eval(args: argparse.Namespace) -> int:
                         dtype=args.judge_dtype)
     config = ChatEvalConfig(model=args.model, revision=args.revision, dtype=args.dtype,
                             device=args.device, device_map=args.device_map,
-                            trust_remote_code=args.trust_remote_code, questions=args.questions,
+                            trust_remote_code=args.trust_remote_code,
+                            allow_mismatched_weights=args.allow_mismatched_weights,
+                            questions=args.questions,
                             references=args.references,
                             limit=args.limit, chat_template=args.chat_template,
                             system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
@@ -485,14 +502,15 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         "model": args.model, "base": args.base, "output": args.output, "tasks": args.tasks,
         "attacks": args.attacks, "forget_corpora": args.forget_corpora,
         "retain_corpora": args.retain_corpora, "data_dir": args.data_dir,
-        "task_files": dict(args.task_files) or None, "format": args.format,
+        "task_files": task_files(args.task_files) or None, "format": args.format,
         "prompt_style": None if args.prompt_style == "lmeval" else args.prompt_style,
         "limit": args.limit, "seed": args.seed, "revision": args.revision,
         "base_revision": args.base_revision, "device_map": args.device_map,
         "batch_size": int(batch) if batch and batch.isdigit() else batch,
         "dtype": None if args.dtype == "auto" else args.dtype,
         "device": None if args.device == "auto" else args.device,
-        "trust_remote_code": args.trust_remote_code or None}
+        "trust_remote_code": args.trust_remote_code or None,
+        "allow_mismatched_weights": args.allow_mismatched_weights or None}
     config = audit_config(args.preset, args.config, settings, args.overrides)
     refuse_overlap(config.output, command_inputs(("", config, True)), args.config)
     from wmdp.distributed import init_from_env, is_main
@@ -538,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="wmdp", description=(
         "Measure hazardous knowledge in causal LMs (WMDP), remove it by unlearning (RMU and "
         "baselines), and check that general ability survives."))
+    parser.add_argument("--version", action="version", version=f"wmdp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in PARSERS:
         add(sub)
