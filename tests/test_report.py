@@ -611,3 +611,16 @@ def test_verdict_accuracies_read_as_the_tables_percent():
         "answers 30.0% (base 89.8%): 40% of the gap recovered, at lr 0.001, ratio 0.97x.")
     # the base figure is the table's: 89.8, not a rounded 90
     assert verdict_text("activations", "ratio 0.30", figures) == "ratio 0.30"
+
+
+def test_audit_figures_have_captions_that_say_what_they_show(tmp_path):
+    run = make_run(tmp_path)
+    for stem in ("gcg", "mystery"):
+        (run / "audit" / f"{stem}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    md, _ = _report(run)
+    captions = re.findall(r"!\[([^\]]*)\]\(audit/", md)
+    assert captions == [
+        "The adversarial suffix's (GCG) objective against optimisation steps for each model, "
+        "with its held-out accuracy before and after",
+        "The mystery attack's figure (see its verdict above)"]
+    assert "audit: " not in md

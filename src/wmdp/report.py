@@ -324,14 +324,18 @@ def _chat_rows(doc: Doc, run_dir: Path) -> None:
 
 # What each audit figure shows (the audit draws them: wmdp.audit.plots)
 AUDIT_CAPTIONS = {
-    "probe": "Probe accuracy per layer: how well a linear probe reads the answer from the "
-             "activations of the base model and of the unlearned model, against chance",
-    "relearn": "Relearning: forget accuracy against fine-tuning steps, on forget texts and on "
-               "as many retain texts (the control)",
-    "gcg": "Adversarial suffix (GCG): the attack's objective against optimisation steps",
-    "fewshot": "Few-shot prompting: accuracy under each prompt context, base and unlearned",
-    "activations": "Activation norms per layer on forget and on retain text, base and unlearned",
-    "ablation": "Direction ablation: accuracy with the forget direction projected out, per block",
+    "probe": "Linear probe accuracy per decoder layer (95% CI), base and unlearned model, with a "
+             "shuffled-answer control and chance, one panel per task: how much of the answer "
+             "the activations still hold",
+    "relearn": "Accuracy while fine-tuning the base and the unlearned model on forget texts and "
+               "on retain texts (the control), one panel per task, on questions the texts never "
+               "name",
+    "gcg": "The adversarial suffix's (GCG) objective against optimisation steps for each model, "
+           "with its held-out accuracy before and after",
+    "fewshot": "Accuracy under each prompt context (0-shot and few-shot), base and unlearned "
+               "model, one panel per task",
+    "activations": "Mean activation norm per decoder layer (log scale), base and unlearned "
+                   "model, on forget and on retain text",
 }
 FIGURE_KEYS = re.compile(r"(base|unlearned|attacked|plain|chance|control)(_\w+)?$")
 
@@ -366,7 +370,7 @@ def _audit_section(doc: Doc, run_dir: Path, audit: dict, method: str) -> None:
     for png in sorted((run_dir / "audit").glob("*.png")):
         if png.stem not in drawn:  # the same figure is already shown above
             doc.img(png, AUDIT_CAPTIONS.get(png.stem, f"The {png.stem.replace('_', ' ')} "
-                                                       "attack's figure (its verdict above)"))
+                                                       "attack's figure (see its verdict above)"))
 
 
 def _robustness(doc: Doc, plots: Path, audit: dict, method: str) -> set[str]:
