@@ -39,6 +39,7 @@ from torch import nn
 
 from wmdp.checkpoint import INDEX, checkpoint_tensors, one_line, read_header, weight_map
 from wmdp.errors import WmdpError
+from wmdp.io import give_umask_mode
 from wmdp.models import DTYPES, arch_of, check_loading_info, check_model_source, load_error, \
     load_tokenizer, resolve_device
 
@@ -341,6 +342,7 @@ def save_prefix_model(model: nn.Module, tokenizer: Any, plan: PrefixPlan, out: P
         cfg.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     tokenizer.save_pretrained(tmp)
+    give_umask_mode(tmp)  # safetensors writes 0600
     for f in tmp.iterdir():
         f.replace(out / f.name)
     tmp.rmdir()
