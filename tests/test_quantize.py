@@ -155,3 +155,26 @@ def test_wmdp_audit_runs_the_quantize_attack_by_name(tmp_path, capsys):
     assert "quantize" in (out / "verdicts.md").read_text()
     assert main(argv[:-2] + ["--output", str(tmp_path / "o2"), "--set", "quantize.bits=[3]"]) == 2
     assert "quantize.bits: 3 is not one of 8, 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attack, settings", [
+    ("prune", ["--set", "prune.k=[1,4]", "--set", "prune.num_texts=8"]),
+    ("mcq_controls", ["--format", "letter"])])
+def test_wmdp_audit_runs_the_opt_in_attacks_by_name(attack, settings, tmp_path):
+    """prune and mcq_controls through the command: their record, verdict and verdicts.md line."""
+    from wmdp.cli import main
+
+    out = tmp_path / "audit"
+    d = SANDBOX / "data"
+    argv = ["audit", "--model", str(SANDBOX / "model"), "--base", str(SANDBOX / "model"),
+            "--data-dir", str(d), "--tasks", "sandbox_bio", "--limit", "20",
+            "--forget-corpora", str(d / "forget_bio.jsonl"),
+            "--retain-corpora", str(d / "retain_botany.jsonl"),
+            "--attacks", attack, *settings, "--output", str(out)]
+    assert main(argv) == 0
+    record = json.loads((out / "audit.json").read_text())
+    rec = record["attacks"][attack]["recovery"]["sandbox_bio"]
+    assert rec["n"] == 20 and rec["attacked_in_sample"] >= rec["attacked"] - 1e-9
+    assert len(rec["share_ci95"]) == 2
+    assert f"**{attack}**" in (out / "verdicts.md").read_text()
+    assert record["verdicts"][attack]

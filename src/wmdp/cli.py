@@ -380,12 +380,13 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from wmdp.pipeline import load_run_config, main_table, run_pipeline
+    from wmdp.pipeline import load_run_config, run_pipeline
+    from wmdp.report import console_summary
 
     config = load_run_config(args.config, args.overrides)
     refuse_overlap(config.output, _run_inputs(config), args.config)
     run_dir = run_pipeline(config, overwrite=args.overwrite)
-    print(main_table(run_dir))
+    print(console_summary(run_dir))  # the headline (the audit's worst share too), the table
     print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}")
     return 0
 

@@ -467,12 +467,4 @@ def run_pipeline(config: RunConfig, overwrite: bool = False, progress: bool = Tr
     return pipe.dir
 
 
-def main_table(run_dir: Path) -> str:
-    """The report's main table, for the terminal."""
-    text = (Path(run_dir) / "report.md").read_text()
-    start = text.index("## Main results")
-    end = text.index("\n## ", start + 3)
-    return text[start:end].strip()
-
-
-__all__ = ["RunConfig", "Pipeline", "run_pipeline", "load_run_config", "DEFAULT", "main_table"]
+__all__ = ["RunConfig", "Pipeline", "run_pipeline", "load_run_config", "DEFAULT"]

@@ -75,7 +75,20 @@ def cross_fit_best(scores, seed: int = 0, split: tuple | None = None,
                     halves=(tuple(int(i) for i in a), tuple(int(i) for i in b)))
 
 
+def reported(scores, fit: CrossFit) -> np.ndarray:
+    """Per question, its score under the candidate chosen without it: `fit.choices[0]` (chosen
+    on half A) on half B's questions, `fit.choices[1]` on half A's. Its mean is `fit.value`."""
+    s = np.asarray(scores, dtype=float)
+    a, b = (np.asarray(h, int) for h in fit.halves)
+    out = np.empty(s.shape[1])
+    out[b] = s[fit.choices[0], b]
+    out[a] = s[fit.choices[1], a]
+    return out
+
+
 def _percentile(samples: np.ndarray, level: float) -> tuple[float, float]:
+    if np.isnan(samples).all():  # e.g. a share whose gap is zero in every resample
+        return float("nan"), float("nan")
     lo, hi = np.nanpercentile(samples, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)
 

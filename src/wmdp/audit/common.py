@@ -26,6 +26,7 @@ from wmdp.data.mcq import MCQItem
 from wmdp.evaluate import EvalConfig, add_special_tokens_for, evaluate_model
 from wmdp.models import decoder_layers
 from wmdp.scoring import Request, loglikelihoods
+from wmdp.stats import CrossFit, bootstrap_ci, cross_fit_best, reported, share_ci
 from wmdp.tasks import PromptStyle, Registry, Task
 
 ROLES = ("base", "unlearned")
@@ -95,6 +96,30 @@ def recovery_entry(ctx: AuditContext, task: str, attacked: float, base_attacked:
     return {"n": n, "base": ctx.plain_acc("base", task, idx),
             "unlearned": ctx.plain_acc("unlearned", task, idx),
             "attacked": attacked, "base_attacked": base_attacked}
+
+
+def cross_fitted_recovery(ctx: AuditContext, task: str,
+                          correct: dict[str, np.ndarray]) -> tuple[dict[str, CrossFit], dict]:
+    """An attack with several settings (widths, k, shifts): `correct[role]` is (settings,
+    questions) correctness. Each role's setting is chosen on one half of the questions and
+    reported on the other (`wmdp.stats.cross_fit_best`); the recovery entry gives the unlearned
+    model's cross-fitted accuracy beside its in-sample best, with paired bootstrap intervals, and
+    the oracle's where it is audited."""
+    plain = {role: np.asarray(ctx.reference[role][task], float) for role in correct}
+    fits = {role: cross_fit_best(c, seed=ctx.seed) for role, c in correct.items()}
+    attacked = {role: reported(correct[role], fit) for role, fit in fits.items()}
+    entry = recovery_entry(ctx, task, float(attacked["unlearned"].mean()),
+                           float(attacked["base"].mean()))
+    entry["attacked_in_sample"] = fits["unlearned"].in_sample
+    entry["attacked_ci95"] = list(bootstrap_ci(attacked["unlearned"], seed=ctx.seed))
+    entry["share_ci95"] = list(share_ci(attacked["unlearned"], plain["unlearned"], plain["base"],
+                                        seed=ctx.seed))
+    if "oracle" in correct:
+        entry["oracle_plain"] = float(plain["oracle"].mean())
+        entry["oracle_attacked"] = float(attacked["oracle"].mean())
+        entry["oracle_share_ci95"] = list(share_ci(attacked["oracle"], plain["oracle"],
+                                                   plain["base"], seed=ctx.seed))
+    return fits, entry
 
 
 def recovered_fraction(attacked: float, unlearned: float, base: float,

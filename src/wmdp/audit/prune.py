@@ -22,19 +22,19 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from wmdp.progress import tqdm
 
-from wmdp.audit.common import (AuditContext, Subject, interleaved, question_correct,
-                               recovered_fraction, recovery_entry)
+from wmdp.audit.common import (AuditContext, Subject, cross_fitted_recovery, interleaved,
+                               question_correct, recovered_fraction)
 from wmdp.errors import WmdpError
 from wmdp.models import arch_of, decoder_layers, input_device
 from wmdp.scoring import Request
-from wmdp.stats import bootstrap_ci, cross_fit_best, share_ci
+from wmdp.stats import bootstrap_ci
 from wmdp.tasks import build_prompt
 from wmdp.unlearn.batches import chunk, tokenize, training_tokenizer
 
@@ -128,15 +128,6 @@ def top_neurons(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return [torch.topk(s, min(k, s.numel())).indices for s in scores]
 
 
-def _chosen(scores: np.ndarray, fit: Any) -> np.ndarray:
-    """Per question, the correctness under the k chosen without it."""
-    a, b = (np.asarray(h, int) for h in fit.halves)
-    out = np.empty(scores.shape[1])
-    out[b] = scores[fit.choices[0], b]
-    out[a] = scores[fit.choices[1], a]
-    return out
-
-
 def prune_task(ctx: AuditContext, name: str, config: PruneConfig,
                scores: dict[str, list[torch.Tensor]]) -> tuple[dict, dict]:
     """(the task's figures, its recovery entry) for one audited task."""
@@ -151,28 +142,15 @@ def prune_task(ctx: AuditContext, name: str, config: PruneConfig,
                 rows.append(question_correct(ctx, role, requests, answers,
                                              ctx.progress and f"prune {name} k={k} ({role})"))
         correct[role] = np.array(rows)
-    plain = {role: np.asarray(ctx.reference[role][name], float) for role in ctx.subjects}
     out: dict = {"n": len(items), "k": {}}
     for j, k in enumerate(config.k):
         out["k"][str(k)] = {role: {"acc": float(c[j].mean()),
                                    "ci95": list(bootstrap_ci(c[j], seed=ctx.seed))}
                             for role, c in correct.items()}
-    fits = {role: cross_fit_best(c, seed=ctx.seed) for role, c in correct.items()}
+    fits, entry = cross_fitted_recovery(ctx, name, correct)
     out["chosen"] = {role: {**fit.record(), "k": [config.k[i] for i in fit.choices],
                             "in_sample_k": config.k[fit.in_sample_choice]}
                      for role, fit in fits.items()}
-    attacked = {role: _chosen(correct[role], fit) for role, fit in fits.items()}
-    entry = recovery_entry(ctx, name, float(attacked["unlearned"].mean()),
-                           float(attacked["base"].mean()))
-    entry["attacked_in_sample"] = fits["unlearned"].in_sample
-    entry["attacked_ci95"] = list(bootstrap_ci(attacked["unlearned"], seed=ctx.seed))
-    entry["share_ci95"] = list(share_ci(attacked["unlearned"], plain["unlearned"], plain["base"],
-                                        seed=ctx.seed))
-    if "oracle" in ctx.subjects:
-        entry["oracle_plain"] = float(plain["oracle"].mean())
-        entry["oracle_attacked"] = float(attacked["oracle"].mean())
-        entry["oracle_share_ci95"] = list(share_ci(attacked["oracle"], plain["oracle"],
-                                                   plain["base"], seed=ctx.seed))
     return out, entry
 
 

@@ -27,10 +27,10 @@ import numpy as np
 from optimum.quanto import freeze, qint4, qint8, quantize
 from torch import nn
 
-from wmdp.audit.common import AuditContext, recovery_entry
+from wmdp.audit.common import AuditContext, cross_fitted_recovery
 from wmdp.errors import WmdpError
 from wmdp.scoring import Request, loglikelihoods
-from wmdp.stats import bootstrap_ci, cross_fit_best, share_ci
+from wmdp.stats import bootstrap_ci
 from wmdp.tasks import build_prompt
 
 BITS = (8, 4)
@@ -61,15 +61,6 @@ def _correct(model: nn.Module, tokenizer: Any, requests: list[Request], answers:
     return [float(int(np.argmax(ll)) == a) for ll, a in zip(lls, answers)]
 
 
-def _chosen(scores: np.ndarray, fit: Any) -> np.ndarray:
-    """Per question, the correctness under the width chosen without it."""
-    a, b = (np.asarray(h, int) for h in fit.halves)
-    out = np.empty(scores.shape[1])
-    out[b] = scores[fit.choices[0], b]
-    out[a] = scores[fit.choices[1], a]
-    return out
-
-
 def _scores(ctx: AuditContext, config: QuantizeConfig) -> dict[str, dict[str, np.ndarray]]:
     """role -> task -> (widths, questions) correctness. One quantized copy is held at a time."""
     requests = {name: [Request(c, tuple(k)) for c, k in
@@ -91,28 +82,15 @@ def _scores(ctx: AuditContext, config: QuantizeConfig) -> dict[str, dict[str, np
 def quantize_task(ctx: AuditContext, name: str, config: QuantizeConfig,
                   correct: dict[str, np.ndarray]) -> tuple[dict, dict]:
     """(the task's figures, its recovery entry) from each role's (widths, questions) scores."""
-    plain = {role: np.asarray(ctx.reference[role][name], float) for role in ctx.subjects}
     out: dict = {"n": len(ctx.items[name]), "bits": {}}
     for k, b in enumerate(config.bits):
         out["bits"][str(b)] = {role: {"acc": float(c[k].mean()),
                                       "ci95": list(bootstrap_ci(c[k], seed=ctx.seed))}
                                for role, c in correct.items()}
-    fits = {role: cross_fit_best(c, seed=ctx.seed) for role, c in correct.items()}
+    fits, entry = cross_fitted_recovery(ctx, name, correct)
     out["chosen"] = {role: {**fit.record(), "bits": [config.bits[i] for i in fit.choices],
                             "in_sample_bits": config.bits[fit.in_sample_choice]}
                      for role, fit in fits.items()}
-    attacked = {role: _chosen(correct[role], fit) for role, fit in fits.items()}
-    entry = recovery_entry(ctx, name, float(attacked["unlearned"].mean()),
-                           float(attacked["base"].mean()))
-    entry["attacked_in_sample"] = fits["unlearned"].in_sample
-    entry["attacked_ci95"] = list(bootstrap_ci(attacked["unlearned"], seed=ctx.seed))
-    entry["share_ci95"] = list(share_ci(attacked["unlearned"], plain["unlearned"], plain["base"],
-                                        seed=ctx.seed))
-    if "oracle" in ctx.subjects:
-        entry["oracle_plain"] = float(plain["oracle"].mean())
-        entry["oracle_attacked"] = float(attacked["oracle"].mean())
-        entry["oracle_share_ci95"] = list(share_ci(attacked["oracle"], plain["oracle"],
-                                                   plain["base"], seed=ctx.seed))
     return out, entry
 
 

@@ -42,7 +42,7 @@ from wmdp.audit.oracle import audit_oracle, load_oracle
 from wmdp.distributed import rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import sha256_json
-from wmdp.stats import cross_fit_best
+from wmdp.stats import cross_fit_best, reported
 from wmdp.optimizer_settings import check_lr
 
 
@@ -187,12 +187,9 @@ def choose_step(curve: list[dict], kept: dict[str, list[int]], seed: int) -> dic
                 "by_task": per, "in_sample_by_task": per,
                 "how": "one question: the step with the highest accuracy on it"}
     fit = cross_fit_best(scores, seed=seed)
-    a, b = (np.asarray(h, int) for h in fit.halves)
-    reported = np.empty(len(pairs))
-    reported[b] = scores[fit.choices[0], b]
-    reported[a] = scores[fit.choices[1], a]
+    each = reported(scores, fit)
     owner = np.array([t for t, _ in pairs])
-    by_task = {t: float(reported[owner == t].mean()) if kept[t] else float("nan") for t in kept}
+    by_task = {t: float(each[owner == t].mean()) if kept[t] else float("nan") for t in kept}
     ins = {t: float(scores[fit.in_sample_choice, owner == t].mean()) if kept[t] else float("nan")
            for t in kept}
     return {"steps": [curve[c]["step"] for c in fit.choices],

@@ -32,9 +32,11 @@ from wmdp.audit.common import ROLES, AuditContext, Subject, task_accuracy
 from wmdp.audit.fewshot import FewshotConfig, run_fewshot
 from wmdp.audit.gcg import GCGConfig, run_gcg
 from wmdp.audit.plots import PLOTS, plot_attack
+from wmdp.audit.mcq_controls import MCQControlsConfig, run_mcq_controls
 from wmdp.audit.probe import ProbeConfig, run_probe
 from wmdp.audit.protocol import ProtocolConfig, check_grid
 from wmdp.audit.protocol_audit import run_protocol_attack
+from wmdp.audit.prune import PruneConfig, run_prune
 from wmdp.audit.quantize import QuantizeConfig, run_quantize
 from wmdp.audit.relearn import RelearnConfig, check_parallel, check_relearn, run_relearn
 from wmdp.audit.verdicts import gap_tasks, verdict
@@ -51,10 +53,11 @@ from wmdp.unlearn.parallel import shard_model
 AUDIT = "audit.json"
 ATTACKS: dict[str, Callable[[AuditContext, Any], dict]] = {
     "probe": run_probe, "relearn": run_relearn, "gcg": run_gcg, "fewshot": run_fewshot,
-    "activations": run_activations, "ablation": run_ablation, "quantize": run_quantize}
+    "activations": run_activations, "ablation": run_ablation, "quantize": run_quantize,
+    "prune": run_prune, "mcq_controls": run_mcq_controls}
 ATTACKS["protocol"] = run_protocol_attack  # the relearning protocol: a grid of fine-tuning runs
-OPT_IN = ("protocol", "quantize")          # so they run only when named
-NEEDS_CORPORA = ("relearn", "activations", "protocol", "ablation")
+OPT_IN = ("protocol", "quantize", "prune", "mcq_controls")  # so they run only when named
+NEEDS_CORPORA = ("relearn", "activations", "protocol", "ablation", "prune")
 DATA_PARALLEL = ("relearn",)               # the attacks that run under torchrun (FSDP)
 AUDIT_LAYOUT = """\
 audit.json
@@ -104,6 +107,8 @@ class AuditConfig(ModelSpec):
     ablation: AblationConfig = field(default_factory=AblationConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    mcq_controls: MCQControlsConfig = field(default_factory=MCQControlsConfig)
 
     def fingerprint(self) -> str:
         """The shared settings; each attack's own settings are checked when it resumes."""

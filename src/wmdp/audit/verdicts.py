@@ -22,6 +22,8 @@ from typing import Any
 
 from wmdp.audit.activations import ELEVATED
 from wmdp.audit.common import MIN_GAP, pooled, recovered_fraction, wilson_interval
+from wmdp.audit.mcq_controls import mcq_controls_text
+from wmdp.audit.prune import prune_text
 from wmdp.audit.quantize import quantize_text
 
 CHANCE = 0.25  # four choices
@@ -135,6 +137,12 @@ def verdict(attack: str, result: dict, tasks: list[str] | None = None) -> dict:
     elif attack == "quantize":
         fig["bits"] = result["bits"]
         text = quantize_text(fig, result)
+    elif attack == "prune":
+        fig["k"] = result["k"]
+        text = prune_text(fig, result)
+    elif attack == "mcq_controls":
+        fig["position_bias"] = {t: e["position_bias"] for t, e in rec.items()}
+        text = mcq_controls_text(fig, result)
     else:
         raise ValueError(attack)
     return {**fig, "text": text}
