@@ -29,6 +29,9 @@ UNLEARN = ["unlearn", "ga", "--model", str(SANDBOX / "model"), "--forget-corpora
            f"{SANDBOX}/data/retain_botany.jsonl", "--max-num-batches", "1", "--batch-size", "2",
            "--max-length", "32", "--device", "cpu", "--output"]
 COMPARE = ["compare", str(SANDBOX / "eval"), "--output"]
+AUDIT = ["audit", "--model", str(SANDBOX / "model"), "--base", str(SANDBOX / "model"),
+         "--data-dir", str(SANDBOX / "data"), "--tasks", "sandbox_bio", "--limit", "12",
+         "--attacks", "fewshot", "--set", "fewshot.pool_size=5", "--device", "cpu", "--output"]
 PREFIX_RMU = ["unlearn", "rmu", "--preset", "sandbox", "--model", str(SANDBOX / "model"),
               "--forget-corpora", f"{SANDBOX}/data/forget_bio.jsonl", "--retain-corpora",
               f"{SANDBOX}/data/retain_botany.jsonl", "--max-num-batches", "1", "--load", "prefix",
@@ -179,7 +182,8 @@ def test_written_files_have_the_umasks_mode(mask, tmp_path, capsys):
     umask (0644 and 0755 under 022), not a temp file's 0600."""
     commands = {"compare": COMPARE, "general-qa": ["sandbox", "general-qa", str(SANDBOX)]}
     if mask == 0o027:  # the slower ones once, under the mask that differs from both bugs
-        commands.update(eval=EVAL, unlearn=UNLEARN, prefix=PREFIX_RMU)
+        commands.update(eval=EVAL, unlearn=UNLEARN, prefix=PREFIX_RMU, audit=AUDIT,
+                        build=BUILD[:-1] + ["train.epochs=1", "--output"])
     old = os.umask(mask)
     try:
         for name, argv in commands.items():
