@@ -131,6 +131,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def key_path(where: str, name: str) -> str:
+    """`name` under `where`: a file and its key apart (`run.yaml: eval.tasks`), keys dotted."""
+    if where.endswith((".yaml", ".yml", ".json")):
+        return f"{where}: {name}"
+    return f"{where}.{name}" if where else name
+
+
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass `cls` from `data`, checking keys and coercing simple types."""
     if not isinstance(data, dict):
@@ -140,10 +147,11 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise unknown_name("key", unknown[0], fields, where)
-    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    kwargs = {name: _coerce(hints[name], value, key_path(where, name))
+              for name, value in data.items()}
     config = cls(**kwargs)  # its own checks (__post_init__) first: their messages are finer
     for name, value in kwargs.items():
-        _check_range(fields[name], value, f"{where}.{name}")
+        _check_range(fields[name], value, key_path(where, name))
     return config
 
 
