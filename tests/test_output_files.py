@@ -87,6 +87,21 @@ def full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def test_disk_filling_while_weights_are_written_is_one_line(tmp_path, capsys):
+    """Room for the run's small files but not for the model's weights: safetensors' own error
+    (not an OSError) is one line, and the output is removed."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "size=600k")  # the sandbox model's weights are 1.25 MB
+    try:
+        out = disk / "out"
+        code, lines = _run(UNLEARN + [str(out)], capsys)
+        assert code == 2 and len(lines) == 1, lines
+        assert "No space left on device" in lines[0] or "os error 28" in lines[0], lines[0]
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @pytest.mark.parametrize("argv", [EVAL, UNLEARN, BUILD, COMPARE],
                          ids=["eval", "unlearn", "sandbox-build", "compare"])
 def test_full_disk_is_one_line_and_leaves_nothing(argv, full_disk, capsys):

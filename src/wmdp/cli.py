@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from wmdp.cli_errors import OneLineParser, failing_file, nonnegative_fraction
+from safetensors import SafetensorError
+
 from wmdp import __version__
+from wmdp.cli_errors import OneLineParser, failing_file, nonnegative_fraction
 from wmdp.errors import WmdpError
 
 
@@ -574,7 +576,8 @@ def default_threads(environ: dict = os.environ, cpus: int | None = None) -> None
 
 
 # what main reports as one line: an input error, after which the output is left as found
-INPUT_ERRORS = (WmdpError, UnicodeDecodeError, RecursionError, csv.Error, OSError)
+INPUT_ERRORS = (WmdpError, UnicodeDecodeError, RecursionError, csv.Error, OSError,
+                SafetensorError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -598,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except csv.Error as e:  # a field over the csv module's size limit, a NUL byte
         print(f"wmdp: {failing_file(e)}: not readable as CSV ({e})", file=sys.stderr)
+        return 2
+    except SafetensorError as e:  # safetensors' own I/O (a disk that fills while it writes)
+        print(f"wmdp: {failing_file(e)}: safetensors: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only file system, a file gone
         where = e.filename or "a file it reads or writes"
