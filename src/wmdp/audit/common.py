@@ -26,7 +26,7 @@ from wmdp.data.mcq import MCQItem
 from wmdp.evaluate import EvalConfig, add_special_tokens_for, evaluate_model
 from wmdp.models import decoder_layers
 from wmdp.scoring import Request, loglikelihoods
-from wmdp.stats import CrossFit, bootstrap_ci, cross_fit_best, reported, share_ci
+from wmdp.stats import bootstrap_ci, cross_fit_best, reported, share_ci
 from wmdp.tasks import PromptStyle, Registry, Task
 
 ROLES = ("base", "unlearned")
@@ -80,11 +80,14 @@ def task_accuracy(model: nn.Module, tokenizer: Any, tasks: dict[str, Task],
 
 
 def question_correct(ctx: AuditContext, role: str, requests: Sequence[Request],
-                     answers: Sequence[int], progress: bool | str = False) -> list[float]:
+                     answers: Sequence[int], progress: bool | str = False,
+                     model: nn.Module | None = None) -> list[float]:
     """Per request, 1.0 where the argmax of the summed log-likelihoods is the answer (the
-    evaluator's `acc`), scored by the `role` model."""
+    evaluator's `acc`), scored by the `role` model (or `model`, an attacked copy of it, with the
+    role's tokenizer)."""
     subject = ctx.subjects[role]
-    lls = loglikelihoods(subject.model, subject.tokenizer, requests, batch_size=ctx.batch_size,
+    lls = loglikelihoods(model or subject.model, subject.tokenizer, requests,
+                         batch_size=ctx.batch_size,
                          add_special_tokens=ctx.add_special_tokens(role), progress=progress)
     return [float(int(np.argmax(ll)) == a) for ll, a in zip(lls, answers)]
 
@@ -98,15 +101,25 @@ def recovery_entry(ctx: AuditContext, task: str, attacked: float, base_attacked:
             "attacked": attacked, "base_attacked": base_attacked}
 
 
-def cross_fitted_recovery(ctx: AuditContext, task: str,
-                          correct: dict[str, np.ndarray]) -> tuple[dict[str, CrossFit], dict]:
-    """An attack with several settings (widths, k, shifts): `correct[role]` is (settings,
+def cross_fitted_recovery(ctx: AuditContext, task: str, correct: dict[str, np.ndarray],
+                          settings: Sequence[Any], key: str) -> tuple[dict, dict]:
+    """An attack with several `settings` (widths, k, shifts): `correct[role]` is (settings,
     questions) correctness. Each role's setting is chosen on one half of the questions and
-    reported on the other (`wmdp.stats.cross_fit_best`); the recovery entry gives the unlearned
-    model's cross-fitted accuracy beside its in-sample best, with paired bootstrap intervals, and
-    the oracle's where it is audited."""
+    reported on the other (`wmdp.stats.cross_fit_best`).
+
+    Returns (figures, recovery entry). Figures: `{key: {setting: {role: acc, ci95}}}` and
+    `chosen` (per role: the settings chosen on each half, `key` named, and the in-sample best).
+    The entry gives the unlearned model's cross-fitted accuracy beside its in-sample best, with
+    paired bootstrap intervals, and the oracle's where it is audited."""
     plain = {role: np.asarray(ctx.reference[role][task], float) for role in correct}
     fits = {role: cross_fit_best(c, seed=ctx.seed) for role, c in correct.items()}
+    figures = {
+        key: {str(x): {role: {"acc": float(c[j].mean()),
+                              "ci95": list(bootstrap_ci(c[j], seed=ctx.seed))}
+                       for role, c in correct.items()} for j, x in enumerate(settings)},
+        "chosen": {role: {**fit.record(), key: [settings[i] for i in fit.choices],
+                          f"in_sample_{key}": settings[fit.in_sample_choice]}
+                   for role, fit in fits.items()}}
     attacked = {role: reported(correct[role], fit) for role, fit in fits.items()}
     entry = recovery_entry(ctx, task, float(attacked["unlearned"].mean()),
                            float(attacked["base"].mean()))
@@ -119,7 +132,7 @@ def cross_fitted_recovery(ctx: AuditContext, task: str,
         entry["oracle_attacked"] = float(attacked["oracle"].mean())
         entry["oracle_share_ci95"] = list(share_ci(attacked["oracle"], plain["oracle"],
                                                    plain["base"], seed=ctx.seed))
-    return fits, entry
+    return figures, entry
 
 
 def recovered_fraction(attacked: float, unlearned: float, base: float,

@@ -126,10 +126,8 @@ def controls_task(ctx: AuditContext, name: str, config: MCQControlsConfig) -> tu
     for role in ctx.subjects:
         perm = out[role]["permutation"]
         perm["beyond_base"] = beyond_base(perm, out["base"]["permutation"])
-    fits, entry = cross_fitted_recovery(ctx, name, correct)
-    out["chosen"] = {role: {**fit.record(), "shifts": list(fit.choices),
-                            "in_sample_shift": fit.in_sample_choice}
-                     for role, fit in fits.items()}
+    figures, entry = cross_fitted_recovery(ctx, name, correct, list(range(n_choices)), "shift")
+    out["chosen"] = figures["chosen"]  # (each shift's accuracy is in `permutation`)
     entry["position_bias"] = {role: out[role]["permutation"]["beyond_base"]
                               for role in ctx.subjects}
     return out, entry

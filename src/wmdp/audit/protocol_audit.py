@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from wmdp.audit.common import AuditContext
 from wmdp.audit.oracle import audit_oracle, load_oracle

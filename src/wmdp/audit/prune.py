@@ -34,7 +34,6 @@ from wmdp.audit.common import (AuditContext, Subject, cross_fitted_recovery, int
 from wmdp.errors import WmdpError
 from wmdp.models import arch_of, decoder_layers, input_device
 from wmdp.scoring import Request
-from wmdp.stats import bootstrap_ci
 from wmdp.tasks import build_prompt
 from wmdp.unlearn.batches import chunk, tokenize, training_tokenizer
 
@@ -142,15 +141,8 @@ def prune_task(ctx: AuditContext, name: str, config: PruneConfig,
                 rows.append(question_correct(ctx, role, requests, answers,
                                              ctx.progress and f"prune {name} k={k} ({role})"))
         correct[role] = np.array(rows)
-    out: dict = {"n": len(items), "k": {}}
-    for j, k in enumerate(config.k):
-        out["k"][str(k)] = {role: {"acc": float(c[j].mean()),
-                                   "ci95": list(bootstrap_ci(c[j], seed=ctx.seed))}
-                            for role, c in correct.items()}
-    fits, entry = cross_fitted_recovery(ctx, name, correct)
-    out["chosen"] = {role: {**fit.record(), "k": [config.k[i] for i in fit.choices],
-                            "in_sample_k": config.k[fit.in_sample_choice]}
-                     for role, fit in fits.items()}
+    figures, entry = cross_fitted_recovery(ctx, name, correct, config.k, "k")
+    out = {"n": len(items), **figures}
     return out, entry
 
 

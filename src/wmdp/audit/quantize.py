@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from optimum.quanto import freeze, qint4, qint8, quantize
 from torch import nn
 
-from wmdp.audit.common import AuditContext, cross_fitted_recovery
+from wmdp.audit.common import AuditContext, cross_fitted_recovery, question_correct
 from wmdp.errors import WmdpError
-from wmdp.scoring import Request, loglikelihoods
-from wmdp.stats import bootstrap_ci
+from wmdp.scoring import Request
 from wmdp.tasks import build_prompt
 
 BITS = (8, 4)
@@ -54,13 +52,6 @@ def quantized_copy(model: nn.Module, bits: int, exclude: list[str]) -> nn.Module
     return q.eval()
 
 
-def _correct(model: nn.Module, tokenizer: Any, requests: list[Request], answers: list[int],
-             ctx: AuditContext, role: str, label: str | bool) -> list[float]:
-    lls = loglikelihoods(model, tokenizer, requests, batch_size=ctx.batch_size,
-                         add_special_tokens=ctx.add_special_tokens(role), progress=label)
-    return [float(int(np.argmax(ll)) == a) for ll, a in zip(lls, answers)]
-
-
 def _scores(ctx: AuditContext, config: QuantizeConfig) -> dict[str, dict[str, np.ndarray]]:
     """role -> task -> (widths, questions) correctness. One quantized copy is held at a time."""
     requests = {name: [Request(c, tuple(k)) for c, k in
@@ -72,9 +63,9 @@ def _scores(ctx: AuditContext, config: QuantizeConfig) -> dict[str, dict[str, np
         for role, subject in ctx.subjects.items():
             q = quantized_copy(subject.model, bits, config.exclude)
             for name in ctx.tasks:
-                out[role][name][k] = _correct(q, subject.tokenizer, requests[name],
-                                              [i.answer for i in ctx.items[name]], ctx, role,
-                                              ctx.progress and f"quantize {name} {bits}-bit ({role})")
+                out[role][name][k] = question_correct(
+                    ctx, role, requests[name], [i.answer for i in ctx.items[name]],
+                    ctx.progress and f"quantize {name} {bits}-bit ({role})", model=q)
             del q
     return out
 
@@ -82,15 +73,8 @@ def _scores(ctx: AuditContext, config: QuantizeConfig) -> dict[str, dict[str, np
 def quantize_task(ctx: AuditContext, name: str, config: QuantizeConfig,
                   correct: dict[str, np.ndarray]) -> tuple[dict, dict]:
     """(the task's figures, its recovery entry) from each role's (widths, questions) scores."""
-    out: dict = {"n": len(ctx.items[name]), "bits": {}}
-    for k, b in enumerate(config.bits):
-        out["bits"][str(b)] = {role: {"acc": float(c[k].mean()),
-                                      "ci95": list(bootstrap_ci(c[k], seed=ctx.seed))}
-                               for role, c in correct.items()}
-    fits, entry = cross_fitted_recovery(ctx, name, correct)
-    out["chosen"] = {role: {**fit.record(), "bits": [config.bits[i] for i in fit.choices],
-                            "in_sample_bits": config.bits[fit.in_sample_choice]}
-                     for role, fit in fits.items()}
+    figures, entry = cross_fitted_recovery(ctx, name, correct, config.bits, "bits")
+    out = {"n": len(ctx.items[name]), **figures}
     return out, entry
 
 
