@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from wmdp.audit.common import AuditContext, Subject, pooled, task_accuracy
+from wmdp.audit.common import AuditContext, Subject, pooled, recovered_fraction, task_accuracy
 from wmdp.audit.mcq_controls import (MCQControlsConfig, mcq_controls_text, run_mcq_controls,
                                      shifted)
 from wmdp.data.mcq import MCQItem
@@ -84,7 +84,9 @@ def test_letter_bias_is_flagged_and_the_oracle_is_not(ctx):
         for role in ctx.subjects:
             assert fig[role]["permutation"]["acc"][0] == pytest.approx(
                 np.mean(ctx.reference[role][t]))
-        assert rec["attacked_in_sample"] >= rec["attacked"] - 1e-9
+        best = result["tasks"][t]["chosen"]["unlearned"]["in_sample_shift"]
+        assert rec["attacked_in_sample"] == pytest.approx(  # the in-sample best, labelled
+            fig["unlearned"]["permutation"]["acc"][best])
     assert "answers by position on sandbox_bio_letter" in result_text(result)
     # cloze: each continuation is scored alone, so each position gets exactly its share
     for role in ctx.subjects:
@@ -96,8 +98,9 @@ def test_letter_bias_is_flagged_and_the_oracle_is_not(ctx):
 def result_text(result):
     """The verdict's sentence from the question-weighted pooled figures, as the audit pools."""
     entries = result["recovery"]
-    return mcq_controls_text({k: pooled(entries, k) for k in ("unlearned", "base", "attacked")},
-                             result)
+    fig = {k: pooled(entries, k) for k in ("unlearned", "base", "attacked")}
+    fig["recovered_fraction"] = recovered_fraction(fig["attacked"], fig["unlearned"], fig["base"])
+    return mcq_controls_text(fig, result)
 
 
 def test_questions_with_unequal_choices_are_refused(ctx):

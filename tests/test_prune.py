@@ -139,7 +139,9 @@ def test_pruning_catches_the_hider_and_not_the_oracle(setup):
         lo, hi = rec["oracle_share_ci95"]                       # the oracle: nothing comes back
         assert lo <= 0.0 or hi < 0.3, (t, rec)
         assert abs(rec["oracle_attacked"] - rec["oracle_plain"]) < 0.2, (t, rec)
-        assert rec["attacked_in_sample"] >= rec["attacked"] - 1e-9
+        best = result["tasks"][t]["chosen"]["unlearned"]["in_sample_k"]
+        assert rec["attacked_in_sample"] == pytest.approx(  # the in-sample best, labelled
+            result["tasks"][t]["k"][str(best)]["unlearned"]["acc"])
     # the audited models are as they were: plain accuracy unchanged after the attack
     again = task_accuracy(ctx.subjects["unlearned"].model, ctx.subjects["unlearned"].tokenizer,
                           ctx.tasks, ctx.items, "lmeval", 32)

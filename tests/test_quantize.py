@@ -136,7 +136,7 @@ def test_quantization_catches_the_hider_and_not_the_oracle(subjects):
         # 8 bits does not undo it: its grid is finer than the hiding perturbation
         acc8 = result["tasks"][t]["bits"]["8"]["unlearned"]["acc"]
         assert acc8 < rec["base"] - 0.2
-    assert rec["attacked_in_sample"] >= rec["attacked"] - 1e-9
+        assert rec["attacked_in_sample"] == result["tasks"][t]["bits"]["4"]["unlearned"]["acc"]
 
 
 def test_wmdp_audit_runs_the_quantize_attack_by_name(tmp_path, capsys):
@@ -174,7 +174,8 @@ def test_wmdp_audit_runs_the_opt_in_attacks_by_name(attack, settings, tmp_path):
     assert main(argv) == 0
     record = json.loads((out / "audit.json").read_text())
     rec = record["attacks"][attack]["recovery"]["sandbox_bio"]
-    assert rec["n"] == 20 and rec["attacked_in_sample"] >= rec["attacked"] - 1e-9
+    best = record["attacks"][attack]["tasks"]["sandbox_bio"]["chosen"]["unlearned"]
+    assert rec["n"] == 20 and best["how"].startswith("chosen on one half")
     assert len(rec["share_ci95"]) == 2
     assert f"**{attack}**" in (out / "verdicts.md").read_text()
     assert record["verdicts"][attack]

@@ -64,7 +64,8 @@ def test_halves_split_every_question_once():
     assert (halves(7, seed=3)[0] == a).all()
 
 
-@pytest.mark.parametrize("split", [((0, 1), (1, 2, 3)), ((0,), (1, 2)), ((), (0, 1, 2, 3))])
+@pytest.mark.parametrize("split", [((0, 1), (1, 2, 3)), ((0,), (1, 2)), ((), (0, 1, 2, 3)),
+                                   ((0, 0), (1, 2)), ((0, 1), (2, 9))])
 def test_bad_halves_are_refused(split):
     with pytest.raises(ValueError, match="halves"):
         cross_fit_best(np.ones((2, 4)), split=split)

@@ -63,7 +63,8 @@ def cross_fit_best(scores, seed: int = 0, split: tuple | None = None,
         raise ValueError(f"scores must be (candidates, questions), got shape {s.shape}")
     sign = 1.0 if higher_is_better else -1.0
     a, b = (np.asarray(split[0], int), np.asarray(split[1], int)) if split else halves(s.shape[1], seed)
-    if len(a) == 0 or len(b) == 0 or len(np.intersect1d(a, b)) or len(a) + len(b) != s.shape[1]:
+    if len(a) == 0 or len(b) == 0 or not np.array_equal(np.sort(np.concatenate([a, b])),
+                                                        np.arange(s.shape[1])):
         raise ValueError("the two halves must be disjoint, non-empty and cover every question")
     pick_a = int(np.argmax(sign * s[:, a].mean(axis=1)))
     pick_b = int(np.argmax(sign * s[:, b].mean(axis=1)))

@@ -4,7 +4,7 @@
 
 A model can look as if it forgot by answering from a letter or a position instead of from what
 it knows, and can look as if it knows by reading the answer off the choices alone. Two controls,
-on every model under audit (base, unlearned, and the oracle where there is one), each scored
+on every model under audit (base, unlearned, and an oracle where the audit's context holds one), each scored
 with the plain prompt as the evaluator scores it:
 
 - choices only: the question text removed, the choices kept. Accuracy well above chance here
@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from wmdp.audit.common import AuditContext, cross_fitted_recovery, recovered_fraction
+from wmdp.audit.common import AuditContext, cross_fitted_recovery
 from wmdp.data.mcq import MCQItem
 from wmdp.errors import WmdpError
 from wmdp.scoring import Request, loglikelihoods
@@ -148,7 +148,7 @@ def run_mcq_controls(ctx: AuditContext, config: MCQControlsConfig) -> dict:
 def mcq_controls_text(fig: dict, result: dict) -> str:
     """The verdict's sentence, from its pooled figures (`wmdp.audit.verdicts`)."""
     u, b, a = fig["unlearned"], fig["base"], fig["attacked"]
-    frac = recovered_fraction(a, u, b)
+    frac = fig.get("recovered_fraction")  # the verdict's: None where no task has a gap
     gap = "no gap to recover" if frac is None else f"{frac:.0%} of the gap recovered"
     biased = sorted({t for t, e in result["recovery"].items()
                      if e["position_bias"]["unlearned"]})

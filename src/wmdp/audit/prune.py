@@ -11,11 +11,11 @@ by the mean over real tokens of |activation| on `num_texts` forget texts minus t
 `num_texts` retain texts; the top k of each block are zeroed (a forward pre-hook on the output
 projection, removed afterwards: the audited model is never changed) and the forget questions
 re-scored with the plain prompt, as the evaluator scores them. Each model under audit (base,
-unlearned, and the oracle where there is one) is scored on its own activations.
+unlearned, and an oracle where the audit's context holds one) is scored on its own activations.
 
 The k that recovers most is chosen on one half of the questions and reported on the other,
 halves swapped and pooled (`wmdp.stats.cross_fit_best`); the in-sample best is kept beside it.
-Every figure has a paired bootstrap interval over questions.
+Every figure has a bootstrap interval over questions (paired over the models for the share).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 from wmdp.progress import tqdm
 
 from wmdp.audit.common import (AuditContext, Subject, cross_fitted_recovery, interleaved,
-                               question_correct, recovered_fraction)
+                               question_correct)
 from wmdp.errors import WmdpError
 from wmdp.models import arch_of, decoder_layers, input_device
 from wmdp.scoring import Request
@@ -170,7 +170,7 @@ def run_prune(ctx: AuditContext, config: PruneConfig) -> dict:
 def prune_text(fig: dict, result: dict) -> str:
     """The verdict's sentence, from its pooled figures (`wmdp.audit.verdicts`)."""
     u, b, a, ba = fig["unlearned"], fig["base"], fig["attacked"], fig["base_attacked"]
-    frac = recovered_fraction(a, u, b)
+    frac = fig.get("recovered_fraction")  # the verdict's: None where no task has a gap
     ks = ", ".join(map(str, result["k"]))
     gap = "no gap to recover" if frac is None else f"{frac:.0%} of the gap recovered"
     return (f"zeroing the top-k neurons per block by forget-vs-retain activation (k in {ks}; k "

@@ -5,7 +5,7 @@
 Zhang et al. (ICLR 2025) found that 4-bit post-training quantization brought "unlearned"
 knowledge from 21% back to 83% on MUSE: a method whose weight changes are smaller than the
 quantization step hides the knowledge in the low bits, and rounding throws the hiding away.
-Each model under audit (base, unlearned, and the oracle where there is one) is copied, the
+Each model under audit (base, unlearned, and an oracle where the audit's context holds one) is copied, the
 weights of its linear layers quantized weight-only by optimum-quanto (`qint8`, `qint4`:
 symmetric, per output channel for 8 bits, groups of 128 inputs for 4 bits; activations stay in
 the model's dtype; `exclude` keeps the LM head as quanto's own examples do), and the forget

@@ -42,7 +42,7 @@ from wmdp.audit.oracle import audit_oracle, load_oracle
 from wmdp.distributed import rank_world
 from wmdp.errors import WmdpError
 from wmdp.io import sha256_json
-from wmdp.stats import cross_fit_best, reported
+from wmdp.stats import cross_fit_best, reported, share_ci
 from wmdp.optimizer_settings import check_lr
 
 
@@ -153,6 +153,11 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
         at = {f"{r}_{k}": chosen[f"{r}_{k}"]["by_task"][t] for r in curves for k in corpora}
         recovery[t] = recovery_entry(ctx, t, at["unlearned_forget"], at["base_forget"], keep)
         recovery[t]["attacked_in_sample"] = chosen["unlearned_forget"]["in_sample_by_task"][t]
+        each = chosen["unlearned_forget"]["each_by_task"][t]
+        if each:  # the recovered share's interval: the same resampled questions for both models
+            plain = {r: [ctx.reference[r][t][i] for i in keep] for r in ("unlearned", "base")}
+            recovery[t]["share_ci95"] = list(share_ci(each, plain["unlearned"], plain["base"],
+                                                      seed=ctx.seed))
         if "oracle" in curves:  # its own plain accuracy on the same questions, and attacked
             recovery[t].update(oracle_plain=ctx.plain_acc("oracle", t, keep),
                                oracle_attacked=at["oracle_forget"],
@@ -160,9 +165,9 @@ def run_relearn(ctx: AuditContext, config: RelearnConfig) -> dict:
         recovery[t].update(attacked_control=at["unlearned_retain"],
                            base_attacked_control=at["base_retain"],
                            questions=f"the {len(keep)} of {len(ctx.items[t])} questions no chosen "
-                                     "forget text names; each at the step (one for all tasks) "
-                                     "chosen on the other half of the questions, of the "
-                                     f"evaluated steps {tasks[t]['steps']}")
+                                     f"forget text names; the step: "
+                                     f"{chosen['unlearned_forget']['how']}, of the evaluated "
+                                     f"steps {tasks[t]['steps']}")
     selection = {k: {key: v[key] for key in ("steps", "in_sample_step", "how")}
                  for k, v in chosen.items()}
     return {"texts": record, "tasks": tasks, "recovery": recovery, "oracle": oracle,
@@ -178,14 +183,15 @@ def choose_step(curve: list[dict], kept: dict[str, list[int]], seed: int) -> dic
     if not pairs:
         nan = {t: float("nan") for t in kept}
         return {"steps": [], "in_sample_step": None, "by_task": nan, "in_sample_by_task": nan,
-                "how": "no question counted"}
+                "each_by_task": {t: [] for t in kept}, "how": "no question counted"}
     scores = np.array([[p["correct"][t][i] for t, i in pairs] for p in curve], dtype=float)
     if len(pairs) < 2:  # nothing to split: the in-sample choice, said so
         best = int(np.argmax(scores.mean(axis=1)))
         per = {t: float(scores[best, 0]) if kept[t] else float("nan") for t in kept}
         return {"steps": [curve[best]["step"]], "in_sample_step": curve[best]["step"],
                 "by_task": per, "in_sample_by_task": per,
-                "how": "one question: the step with the highest accuracy on it"}
+                "each_by_task": {t: [per[t]] if kept[t] else [] for t in kept},
+                "how": "chosen on its only question (in sample: nothing to split)"}
     fit = cross_fit_best(scores, seed=seed)
     each = reported(scores, fit)
     owner = np.array([t for t, _ in pairs])
@@ -194,7 +200,9 @@ def choose_step(curve: list[dict], kept: dict[str, list[int]], seed: int) -> dic
            for t in kept}
     return {"steps": [curve[c]["step"] for c in fit.choices],
             "in_sample_step": curve[fit.in_sample_choice]["step"], "by_task": by_task,
-            "in_sample_by_task": ins, "how": fit.how + " (one step for all tasks)"}
+            "in_sample_by_task": ins,
+            "each_by_task": {t: each[owner == t].tolist() for t in kept},
+            "how": fit.how + " (one step for all tasks)"}
 
 
 def _with_oracle(ctx: AuditContext,

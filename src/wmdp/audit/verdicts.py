@@ -92,8 +92,9 @@ def verdict(attack: str, result: dict, tasks: list[str] | None = None) -> dict:
                 f"{a:.2f} (base {b:.2f}; the base model itself reaches {ba:.2f}): {gap}; "
                 f"fine-tuning on as many retain texts (the control) reaches {ctrl:.2f} "
                 f"({_pct(fig['recovered_fraction_control'])} of the gap). On the {n} questions "
-                "no chosen forget text names, each at the step (one for every task) chosen on "
-                "the other half of the questions.")
+                "no chosen forget text names; the step: "
+                + result.get("selection", {}).get("unlearned_forget", {}).get(
+                    "how", "the highest accuracy over the evaluated steps") + ".")
         if all("attacked_in_sample" in e for e in rec.values()):  # beside it, labelled
             fig["attacked_in_sample"] = pooled(rec, "attacked_in_sample")
             fig["selection"] = result.get("selection")
