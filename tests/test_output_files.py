@@ -184,6 +184,31 @@ def test_an_input_error_removes_only_what_the_command_made(tmp_path):
         release_output_locks()
 
 
+def test_a_late_failure_keeps_an_output_holding_resumable_work(tmp_path):
+    """A checkpoint (or a run's unlearned model) marks its output worth keeping: a failure after
+    it (a full disk at the end, a judge refusing the key) leaves it to resume, while an output
+    made alongside that holds nothing resumable is still removed."""
+    from wmdp.errors import WmdpError
+    from wmdp.io import (keep_outputs_holding, outputs_removed_on_error, prepare_output_dir,
+                         release_output_locks)
+
+    try:
+        with pytest.raises(WmdpError):
+            with outputs_removed_on_error():
+                run = prepare_output_dir(tmp_path / "run", False)
+                other = prepare_output_dir(tmp_path / "other", False)
+                (other / "partial.json").write_text("{}")
+                ckpt = run / "checkpoints" / "last.pt"
+                ckpt.parent.mkdir()
+                ckpt.write_bytes(b"state")
+                keep_outputs_holding(ckpt)
+                raise WmdpError("the disk filled while saving the model")
+        assert ckpt.read_bytes() == b"state"
+        assert not (tmp_path / "other").exists()
+    finally:
+        release_output_locks()
+
+
 # --- files a colleague can read -----------------------------------------------------------------
 
 def _modes(root: Path) -> dict[str, int]:

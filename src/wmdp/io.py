@@ -261,7 +261,9 @@ def outputs_removed_on_error(errors: tuple[type[BaseException], ...] = (WmdpErro
     """Run a command so that an input error (one of `errors`: a WmdpError, a failed write such
     as a full disk, ...) leaves its outputs as it found them: every output directory that
     `prepare_output_dir` made or emptied for it is removed (or emptied again). A resumed
-    output, a shared cache, and an interrupted run (Ctrl-C: rerun to resume) are kept."""
+    output, a shared cache, an output holding resumable work (`keep_outputs_holding`: a
+    checkpoint, an unlearned model) and an interrupted run (Ctrl-C: rerun to resume) are
+    kept."""
     global _NEW_OUTPUTS
     outer, _NEW_OUTPUTS = _NEW_OUTPUTS, []
     mine = _NEW_OUTPUTS
@@ -273,6 +275,17 @@ def outputs_removed_on_error(errors: tuple[type[BaseException], ...] = (WmdpErro
         raise
     finally:
         _NEW_OUTPUTS = outer
+
+
+def keep_outputs_holding(path: str | Path) -> None:
+    """Work worth resuming now lies at `path` (an unlearning checkpoint, the unlearned model of a
+    run): a later failure of this command keeps every output directory holding it, so the
+    rerun resumes instead of starting over. Before this, a failure removes what the command
+    made (`outputs_removed_on_error`)."""
+    if _NEW_OUTPUTS is None:
+        return
+    p = Path(path).absolute()
+    _NEW_OUTPUTS[:] = [(d, c) for d, c in _NEW_OUTPUTS if not (p == d or d in p.parents)]
 
 
 def _discard(directory: Path, created: Path | None) -> None:

@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 from wmdp.config import check_keys, load_config, schema, to_dict, unknown_name
 from wmdp.errors import WmdpError
-from wmdp.io import (library_versions, prepare_output_dir, read_json, sha256_json,
-                     shared_dir_lock, write_json, write_jsonl)
+from wmdp.io import (keep_outputs_holding, library_versions, prepare_output_dir, read_json,
+                     sha256_json, shared_dir_lock, write_json, write_jsonl)
 from wmdp.model_spec import ModelSpec
 from wmdp.preflight import Preflight
 from wmdp.tasks import Registry
@@ -248,6 +248,8 @@ class Pipeline:
                 t0 = time.perf_counter()
                 stage()
                 self._mark(name, time.perf_counter() - t0)
+            if "unlearn" in self.done():  # the expensive part exists: a late error keeps it
+                keep_outputs_holding(self.dir)
             if name == stop_after:  # also when it was done before: a resumed sweep base
                 break
         return self.done()

@@ -27,8 +27,8 @@ from wmdp.config import to_dict
 from wmdp.data.corpus import Corpus, load_corpus
 from wmdp.distributed import barrier, is_main, is_sharded, on_main, rank_world
 from wmdp.errors import WmdpError
-from wmdp.io import (atomic_write_text, give_umask_mode, library_versions, prepare_output_dir,
-                     sha256_json, write_json)
+from wmdp.io import (atomic_write_text, give_umask_mode, keep_outputs_holding, library_versions,
+                     prepare_output_dir, sha256_json, write_json)
 from wmdp.model_spec import ModelSpec
 from wmdp.models import TrainedTensor, check_model_source, input_device, resolve_device
 from wmdp.layers import forward_to_layer
@@ -221,6 +221,7 @@ def _save_checkpoint(path: Path, next_step: int, method: Method, optimizer: Any,
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+    keep_outputs_holding(path)  # a later failure (a full disk at the end) keeps it to resume
 
 
 def _load_checkpoint(path: Path, method: Method, optimizer: Any, output: Path,
