@@ -329,3 +329,44 @@ def test_allow_mismatched_weights_flag_reaches_the_loader(world, tmp_path, capsy
     assert main(args + ["--output", str(tmp_path / "b"), "--allow-mismatched-weights"]) == 0
     record = json.loads((tmp_path / "b" / "results.json").read_text())
     assert record["results"]["quiz"]["n"] > 0
+
+
+def test_compare_reads_the_infinite_perplexity_wmdp_writes_and_refuses_nan(tmp_path):
+    """perplexity._exp writes inf when a collapsed model's exp() overflows: compare shows it;
+    NaN (and inf accuracy) stay refused."""
+    from wmdp.compare import load_runs
+    from wmdp.errors import DataError
+
+    def results(value, key="word_perplexity"):
+        d = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(  # json writes inf as Infinity, as wmdp does
+            {"results": {"ppl_retain": {key: value, "n": 3}, "quiz": {"acc": 0.5, "n": 4}}}))
+        return d
+
+    assert len(load_runs([results(math.inf)])) == 1
+    for bad in (math.nan, -1.0):
+        with pytest.raises(DataError, match="word_perplexity"):
+            load_runs([results(bad)])
+    with pytest.raises(DataError, match="acc"):
+        load_runs([results(math.inf, key="acc")])
+
+
+def test_data_revision_naming_a_dataset_no_task_reads_is_refused():
+    from wmdp.errors import WmdpError
+    from wmdp.tasks import Registry
+
+    reg = Registry.build(data_revision="cais/wmdp@8b85378")
+    assert reg.tasks["wmdp_bio"].revision == "8b85378" and reg.tasks["mmlu_virology"].revision is None
+    with pytest.raises(WmdpError, match="no task reads 'cais/wmpd'"):
+        Registry.build(data_revision="cais/wmpd@8b85378")
+
+
+def test_run_record_masks_url_credentials():
+    from wmdp.pipeline import _redacted
+
+    stored = _redacted({"chat": {"settings": {"judge": {
+        "base_url": "https://user:s3cret@judge.example/v1", "model": "m"}}}, "sizes": [1, 2]})
+    assert "s3cret" not in json.dumps(stored)
+    assert stored["chat"]["settings"]["judge"]["base_url"] == "https://***@judge.example/v1"
+    assert stored["sizes"] == [1, 2]

@@ -580,3 +580,19 @@ def test_chat_eval_bad_settings_one_line(capsys, chat_model, tmp_path, flags, ex
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_cache_line_cut_short_is_dropped_before_appending(tmp_path):
+    """An interrupted run leaves a last line cut short; the next run drops it and appends on a
+    line of its own, so the run after that still reads the cache (it refused it before)."""
+    from wmdp.chat.backends import JudgmentCache
+
+    path = tmp_path / "cache.jsonl"
+    whole = json.dumps({"key": "a", "judge": "j", "judgment": "[[7]]"}) + "\n"
+    path.write_text(whole + '{"key": "b", "judge": "j", "judg')
+    cache = JudgmentCache(path)
+    assert cache.get("a") == "[[7]]" and cache.get("b") is None
+    cache.put("c", "j", "[[3]]")
+    again = JudgmentCache(path)
+    assert again.get("a") == "[[7]]" and again.get("c") == "[[3]]"
+    assert path.read_text().count("\n") == 2

@@ -397,7 +397,14 @@ def test_a_judge_cache_cut_short_by_an_interrupted_run_is_kept(capsys, tmp_path,
     judge = serve(rating)
     code, _, err = chat_eval(capsys, tmp_path, chat_model, judge.url, "--judge-cache", str(cache))
     assert code == 0, err
-    assert cache.read_text().startswith('{"key": "k", "judgment": "[[3]]"}\n{"key": "k2", "judg')
+    # the line cut short is dropped (appending to it would corrupt the next record), the whole
+    # record kept, and every line of the cache reads as a record again
+    text = cache.read_text()
+    assert text.startswith('{"key": "k", "judgment": "[[3]]"}\n') and '"judg\n' not in text
+    assert all(json.loads(line)["key"] for line in text.splitlines())
+    code, _, err = chat_eval(capsys, tmp_path, chat_model, judge.url, "--judge-cache", str(cache),
+                             "--overwrite")
+    assert code == 0, err  # a second run reads it
 
 
 # --- a chat template that cannot render: refused before any answer is made --------------------

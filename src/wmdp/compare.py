@@ -80,8 +80,13 @@ _RANGES = {"acc": (0.0, 1.0, "an accuracy from 0 to 1"),
            "n": (1, math.inf, "a count of at least 1 question")}
 
 
+PERPLEXITIES = (PPL_METRIC, "byte_perplexity", "token_perplexity")  # inf: a collapsed model
+
+
 def _in_range(key: str, value: float) -> bool:
     least, most, _ = _RANGES.get(key, _FINITE)
+    if key in PERPLEXITIES and value == math.inf:  # what wmdp writes when exp() overflows
+        return True
     return math.isfinite(value) and least <= value <= most
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from wmdp.chat.endpoint import redact_url
 from wmdp.config import check_keys, load_config, schema, to_dict, unknown_name
 from wmdp.errors import WmdpError
 from wmdp.io import (keep_outputs_holding, library_versions, prepare_output_dir, read_json,
@@ -160,6 +161,16 @@ def built_sandbox(section: SandboxSection) -> Path:
     return path
 
 
+def _redacted(tree: Any) -> Any:
+    """The run's settings as stored: every URL's userinfo (a key in `https://user:key@host`)
+    masked, at any depth (the judge's `base_url` in the chat settings)."""
+    if isinstance(tree, dict):
+        return {k: _redacted(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_redacted(v) for v in tree]
+    return redact_url(tree) if isinstance(tree, str) else tree
+
+
 class Pipeline:
     """The stages of one run over one run directory.
 
@@ -188,7 +199,7 @@ class Pipeline:
                                                   "eval.data_dir": config.eval.data_dir,
                                                   **config.eval.task_files})
             write_json(self.dir / RUN_RECORD, {"fingerprint": self.fingerprint,
-                                               "config": to_dict(config),
+                                               "config": _redacted(to_dict(config)),
                                                "versions": library_versions(),
                                                "preflight": self.preflight})
 

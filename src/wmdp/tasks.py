@@ -218,6 +218,10 @@ class Registry:
         reg = cls()
         if data_revision is not None:
             only, at, revision = data_revision.rpartition("@")
+            known = sorted({t.hub[0] for t in reg.tasks.values() if t.hub is not None})
+            if at and only not in known:
+                raise WmdpError(f"data_revision {data_revision!r}: no task reads {only!r} "
+                                f"(hub datasets: {', '.join(known)})")
             reg.tasks = {n: replace(t, revision=revision)
                          if t.hub is not None and (not at or t.hub[0] == only) else t
                          for n, t in reg.tasks.items()}

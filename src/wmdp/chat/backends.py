@@ -59,6 +59,9 @@ class JudgmentCache:
         self._entries: dict[str, str] = {}
         for rec in self._records(self.path):
             self._entries[rec["key"]] = rec["judgment"]
+        # a last line cut short by an interrupted run is dropped, so appending goes on cleanly
+        if self.path.is_file() and (data := self.path.read_bytes()) and not data.endswith(b"\n"):
+            self.path.write_bytes(data[:data.rfind(b"\n") + 1])
 
     @staticmethod
     def _records(path: Path) -> list[dict]:
