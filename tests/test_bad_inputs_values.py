@@ -282,14 +282,16 @@ def test_bad_number(case, world, tmp_path, capsys, monkeypatch):
 
 # --- what the checks let through ----------------------------------------------------------------
 
-def test_allow_mismatched_weights_loads_the_missing_tensor_at_random(world):
+def test_allow_mismatched_weights_loads_the_missing_tensor_at_random(world, capsys):
     """Asked for, the partial checkpoint loads: every tensor it has is the file's, the missing
-    one is initialised (not the good model's)."""
+    one is initialised (not the good model's), and a warning names it."""
     from safetensors.torch import load_file
 
     from wmdp.models import load_model
 
     model, _ = load_model(world["missing"], device="cpu", allow_mismatched_weights=True)
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warning) == 1 and DOWN in warning[0] and "random" in warning[0], warning
     state = model.state_dict()
     saved = load_file(Path(world["missing"]) / "model.safetensors")
     assert all(state[k].equal(v) for k, v in saved.items())

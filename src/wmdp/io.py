@@ -233,7 +233,8 @@ def shared_dir_lock(path: str | Path, what: str) -> Iterator[None]:
     key = _output_key(path)
     held = key in _HELD
     lock_output_dir(path, wait=what)
-    _SHARED.add(key)
+    if not held:
+        _SHARED.add(key)
     try:
         yield
     finally:

@@ -7,13 +7,14 @@
 
 Weights load from safetensors only; `trust_remote_code` is off unless asked for. A checkpoint
 whose tensors are not exactly the model's (one missing, renamed, extra or of another shape) is an
-error naming them, unless `allow_mismatched_weights` (then transformers initialises the missing
-ones at random, as it would by default).
+error naming them, unless `allow_mismatched_weights` (then the mismatched tensors are
+initialised at random, and a warning names them).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,9 @@ def load_model(name_or_path: str | Path, *, revision: str | None = None, dtype: 
             hf_logging.enable_progress_bar()
     if not allow_mismatched_weights:
         check_loading_info(name, info)
+    elif problems := loading_problems(info):  # asked for: it loads, saying what is random
+        print(f"wmdp: warning: {name}: loaded although the checkpoint's tensors do not match "
+              f"the model: {problems}; those tensors are random", file=sys.stderr)
     if target is not None:
         model.to(target)
     model.eval()
@@ -272,6 +276,16 @@ def load_error(name: str | Path, what: str, e: BaseException) -> WmdpError:
 def check_loading_info(name: str, info: dict) -> None:
     """transformers' loading info (`output_loading_info=True`) as one error, naming the tensors
     the checkpoint lacks, has beyond the model, or holds in another shape."""
+    problems = loading_problems(info)
+    if problems:
+        raise WmdpError(f"{name}: the checkpoint's tensors do not match the model its config "
+                        f"describes: {problems}; set allow_mismatched_weights to "
+                        "load it anyway (mismatched tensors are then random)")
+
+
+def loading_problems(info: dict) -> str:
+    """The tensors the checkpoint lacks, has beyond the model, or holds in another shape ("":
+    none), from transformers' loading info."""
     problems = []
     for key, what in (("missing_keys", "missing from the checkpoint"),
                       ("unexpected_keys", "in the checkpoint but not in the model")):
@@ -282,10 +296,7 @@ def check_loading_info(name: str, info: dict) -> None:
     if mismatched:
         shapes = [f"{n} {list(ckpt)} vs the model's {list(model)}" for n, ckpt, model in mismatched]
         problems.append(f"{len(mismatched)} of another shape ({_some(shapes)})")
-    if problems:
-        raise WmdpError(f"{name}: the checkpoint's tensors do not match the model its config "
-                        f"describes: {'; '.join(problems)}; set allow_mismatched_weights to "
-                        "load it anyway (mismatched tensors are then random)")
+    return "; ".join(problems)
 
 
 def _some(names: list[str], shown: int = 3) -> str:
