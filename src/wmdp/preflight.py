@@ -218,7 +218,8 @@ class Preflight:
 
     def summary(self, seconds: float) -> str:
         hub = {r["hub"] for r in self.resolved if "hub" in r}
-        files = sum(1 for r in self.resolved if "file" in r or "texts" in r)
+        files = sum(1 for r in self.resolved  # a raw: hub corpus names its .jsonl file too
+                    if "texts" in r or ("file" in r and "hub" not in r))
         return (f"wmdp: preflight: model {self.model} (config, tokenizer, weights listed), "
                 f"{len(self.tasks)} tasks and {len(self.corpora)} corpora from {len(hub)} hub "
                 f"datasets and {files} local files, output {self.output}: resolved in "

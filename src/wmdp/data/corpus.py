@@ -35,7 +35,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wmdp.data.hub import hub_error, read_hub_split
+from wmdp.data.hub import hub_error, hub_where, read_hub_split
 from wmdp.errors import DataError, WmdpError
 from wmdp.io import jsonl_records, read_text, sha256_json
 
@@ -156,7 +156,7 @@ def _hub_texts(spec: str, dataset: str, config: str | None, split: str, column: 
     if raw and (path := _hub_jsonl(dataset, f"{name}.jsonl", spec, fix)) is not None:
         return _raw_lines(path)[0], name, f"raw lines of hub:{dataset}/{name}.jsonl"
     ds, commit = read_hub_split(dataset, config, split, None, fix)
-    where = f"hub:{dataset}" + (f"/{config}" if config else "") + f" [{split}]"
+    where = hub_where(dataset, config, split)
     if column not in ds.column_names:
         raise WmdpError(f"{spec} ({where}): dataset has no {column!r} column "
                         f"(columns: {ds.column_names})")

@@ -1,7 +1,7 @@
 """Hub datasets: one way to read a split, resolve it without reading, and say what went wrong.
 
-    rows, commit = read_hub_split("cais/wmdp", "wmdp-bio", "test", revision=None, where=...)
-    splits = resolve_hub_splits("cais/wmdp", None, [("wmdp-bio", "test")])   # no data read
+    rows, commit = read_hub_split("cais/wmdp", "wmdp-bio", "test", None, fix="...")
+    splits = resolve_hub_splits("cais/wmdp", None, [("wmdp-bio", "test")], fix="...")  # no rows
 
 Both go through `datasets`' own resolution (the card's `configs:` list, the config folders of
 parquet files), so what the preflight finds is what a load reads. Errors become one line that
